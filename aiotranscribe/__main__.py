@@ -1,0 +1,3 @@
+from aiotranscribe.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""HTTP and WebSocket handlers: thin, they translate between the wire and the service."""

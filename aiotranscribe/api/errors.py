@@ -1,0 +1,81 @@
+"""One middleware: binds a request id for logging and turns every error into JSON.
+
+Error bodies are ``{"detail": str, "code": str}`` (the seed clients print ``detail``).
+Unexpected errors are logged with their traceback and answered 500 without it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from aiotranscribe.audio import AudioError
+from aiotranscribe.pool import ModelUnavailable, QueueFull
+from aiotranscribe.service import UnknownModel
+from aiotranscribe.uploads import UploadError
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"detail": detail, "code": code}, status=status, headers=headers)
+
+
+def to_api_error(exc: Exception) -> ApiError | None:
+    """Our domain errors, as the HTTP answer they deserve; None for anything else."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, (UploadError, AudioError)):
+        return ApiError(exc.status, exc.code, exc.detail)
+    if isinstance(exc, UnknownModel):
+        return ApiError(400, "unknown_model", exc.detail)
+    if isinstance(exc, ModelUnavailable):
+        return ApiError(503, "model_unavailable", exc.detail, {"Retry-After": "5"})
+    if isinstance(exc, QueueFull):
+        return ApiError(
+            503,
+            "queue_full",
+            f"the server is busy; retry in {exc.retry_after} s",
+            {"Retry-After": str(exc.retry_after)},
+        )
+    return None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), reason)
+        for name in ("Allow", "Retry-After"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+    except Exception as exc:
+        api = to_api_error(exc)
+        if api is None:
+            log.exception("unhandled_error", path=request.path)
+            response = error_response(500, "internal_error", "internal server error")
+        else:
+            response = error_response(api.status, api.code, api.detail, api.headers)
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request_id
+    return response

@@ -1,0 +1,133 @@
+"""The seed clients' routes: sync and async transcription, job status, result, cancel."""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from aiotranscribe.api.errors import ApiError, error_response
+from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render
+from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, Job
+from aiotranscribe.keys import service_key, settings_key
+from aiotranscribe.service import Submission, new_job_id
+from aiotranscribe.uploads import Upload, receive_upload
+
+routes = web.RouteTableDef()
+
+TRUE = {"true", "1", "yes", "on"}
+FALSE = {"false", "0", "no", "off"}
+
+
+def parse_bool(name: str, value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    if value.lower() in TRUE:
+        return True
+    if value.lower() in FALSE:
+        return False
+    raise ApiError(400, "bad_request", f"{name} must be true or false, not {value!r}")
+
+
+async def receive_submission(request: web.Request) -> tuple[str, Submission, Upload]:
+    """Admit, stream the upload to the spool, and validate the form; nothing left on error."""
+    service = request.app[service_key]
+    settings = request.app[settings_key]
+    # Refuse before reading a byte when the default model cannot take work.
+    service.admit(service.resolve_model(None))
+    job_id = new_job_id()
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    service.reserved.add(job_id)
+    try:
+        upload = await receive_upload(request, service.job_dir(job_id), settings.max_upload_bytes)
+        model = service.resolve_model(upload.fields.get("model"))
+        service.admit(model)
+        include = parse_bool(
+            "include_timestamps", upload.fields.get("include_timestamps"), default=True
+        )
+    except BaseException:
+        service.reserved.discard(job_id)
+        service.janitor.discard(service.job_dir(job_id))
+        raise
+    assert upload.path is not None and upload.kind is not None
+    language = upload.fields.get("language") or None
+    submission = Submission(
+        upload_path=upload.path,
+        kind=upload.kind,
+        filename=upload.filename,
+        size=upload.size,
+        model=model,
+        language=language,
+        include_timestamps=include,
+    )
+    return job_id, submission, upload
+
+
+def get_job(request: web.Request) -> Job:
+    job = request.app[service_key].store.get(request.match_info["job_id"])
+    if job is None:
+        raise ApiError(404, "job_not_found", "no job with that id (unknown, or expired)")
+    return job
+
+
+def job_error_response(job: Job) -> web.Response:
+    if job.status == FAILED:
+        return error_response(job.error_status, job.error_code or "failed", job.error or "failed")
+    return error_response(409, "cancelled", "the job was cancelled")
+
+
+@routes.post("/transcribe")
+async def transcribe(request: web.Request) -> web.StreamResponse:
+    service = request.app[service_key]
+    job_id, submission, _ = await receive_submission(request)
+    job = service.start(job_id, submission)
+    await job.done.wait()
+    if job.status != COMPLETED or job.result is None:
+        return job_error_response(job)
+    return web.json_response(job.result)
+
+
+@routes.post("/transcribe/async")
+async def transcribe_async(request: web.Request) -> web.StreamResponse:
+    service = request.app[service_key]
+    job_id, submission, _ = await receive_submission(request)
+    job = service.start(job_id, submission)
+    return web.json_response(
+        {
+            "job_id": job.id,
+            "status": "pending",
+            "message": "job accepted; follow /jobs/{id}/events or poll /jobs/{id}/status",
+        }
+    )
+
+
+@routes.get("/jobs/{job_id}/status")
+async def job_status(request: web.Request) -> web.StreamResponse:
+    return web.json_response(get_job(request).info())
+
+
+@routes.get("/jobs/{job_id}/result")
+async def job_result(request: web.Request) -> web.StreamResponse:
+    job = get_job(request)
+    fmt = request.query.get("format", "json")
+    if fmt not in FORMATS:
+        raise ApiError(400, "bad_request", f"format must be one of {', '.join(FORMATS)}")
+    if job.status in (FAILED, CANCELLED):
+        return job_error_response(job)
+    if job.status != COMPLETED or job.result is None:
+        raise ApiError(409, "not_ready", f"the job is {job.status}; the result is not ready yet")
+    body = render(job.result, fmt)
+    if isinstance(body, dict):
+        return web.json_response(body)
+    return web.Response(text=body, content_type=CONTENT_TYPES[fmt], charset="utf-8")
+
+
+@routes.post("/jobs/{job_id}/cancel")
+@routes.delete("/jobs/{job_id}")
+async def job_cancel(request: web.Request) -> web.StreamResponse:
+    job = get_job(request)
+    if request.app[service_key].cancel(job):
+        await job.done.wait()  # the job task reaches its terminal event promptly
+        return web.json_response({"message": "job cancelled", "status": job.status})
+    return web.json_response(
+        {"message": f"the job is already {job.status}; nothing to cancel", "status": job.status}
+    )

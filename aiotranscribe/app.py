@@ -1,0 +1,113 @@
+"""``create_app(settings)``: wiring only. Every resource with a lifetime is a cleanup context.
+
+Start-up order: janitor (sweeps crash leftovers) -> model pools (load in the background) ->
+service. Teardown runs in reverse: running jobs are cancelled (each gets its ``cancelled``
+event), WebSockets get a final status and 1001, workers stop, then the janitor drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import WSCloseCode, web
+
+from aiotranscribe.api import events, health, transcribe
+from aiotranscribe.api.errors import error_middleware
+from aiotranscribe.api.pages import add_static_routes
+from aiotranscribe.config import Settings
+from aiotranscribe.engine.nemo_engine import model_display_name
+from aiotranscribe.janitor import Janitor
+from aiotranscribe.jobs import JobStore, MemoryJobStore
+from aiotranscribe.keys import (
+    janitor_key,
+    pools_key,
+    service_key,
+    settings_key,
+    store_key,
+    websockets_key,
+)
+from aiotranscribe.pool import InferencePool
+from aiotranscribe.service import TranscriptionService
+from aiotranscribe.workers import Worker, make_worker
+
+# Uploads are streamed by our own reader with its own cap; this only bounds other bodies.
+CLIENT_MAX_SIZE = 1024 * 1024
+
+
+def build_pools(settings: Settings) -> dict[str, InferencePool]:
+    pools: dict[str, InferencePool] = {}
+    for spec in settings.models:
+        name = model_display_name(spec)
+
+        def factory(spec: str = spec) -> Worker:
+            return make_worker(settings.executor, spec, settings.device)
+
+        pools[name] = InferencePool(
+            name, factory, batch_size=settings.batch_size, max_queued=settings.max_queued_slices
+        )
+    return pools
+
+
+def create_app(settings: Settings, store: JobStore | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
+    app[settings_key] = settings
+    app[store_key] = store if store is not None else MemoryJobStore()
+    app[pools_key] = build_pools(settings)
+    app[websockets_key] = weakref.WeakSet()
+    service_holder: list[TranscriptionService] = []
+
+    def live_ids() -> set[str]:
+        return service_holder[0].live_ids() if service_holder else set()
+
+    app[janitor_key] = Janitor(
+        settings.spool_dir,
+        live_ids,
+        interval_s=settings.janitor_interval_s,
+        on_sweep=lambda: app[store_key].evict_expired(settings.job_ttl_s),
+    )
+    service = TranscriptionService(settings, app[store_key], app[pools_key], app[janitor_key])
+    service_holder.append(service)
+    app[service_key] = service
+
+    app.cleanup_ctx.append(janitor_ctx)
+    app.cleanup_ctx.append(pools_ctx)
+    app.cleanup_ctx.append(service_ctx)
+    app.on_shutdown.append(close_websockets)
+    app.add_routes(health.routes)
+    app.add_routes(transcribe.routes)
+    app.add_routes(events.routes)
+    add_static_routes(app, settings.static_dir)
+    return app
+
+
+async def janitor_ctx(app: web.Application) -> AsyncIterator[None]:
+    janitor = app[janitor_key]
+    janitor.start()
+    yield
+    await janitor.close(app[settings_key].shutdown_timeout_s)
+
+
+async def pools_ctx(app: web.Application) -> AsyncIterator[None]:
+    pools = app[pools_key]
+    for pool in pools.values():
+        pool.start()
+    yield
+    await asyncio.gather(*(pool.close() for pool in pools.values()))
+
+
+async def service_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[service_key].close(app[settings_key].shutdown_timeout_s)
+
+
+async def close_websockets(app: web.Application) -> None:
+    """Cancel running jobs so watchers see their final status, then close sockets with 1001."""
+    service = app[service_key]
+    await service.close(app[settings_key].shutdown_timeout_s)
+    sockets = list(app[websockets_key])
+    await asyncio.gather(
+        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
+        return_exceptions=True,
+    )

@@ -1,0 +1,111 @@
+"""``aiotranscribe serve`` and ``aiotranscribe transcribe FILE``.
+
+Every ``serve`` flag can also be set with an env var: ``--max-upload-mb`` is
+``AIOTRANSCRIBE_MAX_UPLOAD_MB``. Flags win over env vars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from aiotranscribe.config import Settings, env_default
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the HTTP server")
+    d = Settings()
+
+    def opt(flag: str, default: object, help: str, **kw: object) -> None:
+        name = flag.lstrip("-")
+        env = env_default(name)
+        p.add_argument(flag, default=env if env is not None else default, help=help, **kw)  # type: ignore[arg-type]
+
+    opt("--host", d.host, "address to bind (0.0.0.0 in a container)")
+    opt("--port", d.port, "TCP port", type=int)
+    opt(
+        "--model",
+        ",".join(d.models),
+        "model(s) to serve, comma-separated: 'demo', a .nemo path, or a hub name such as "
+        "nvidia/parakeet-tdt-0.6b-v2; the first is the default",
+    )
+    opt("--device", d.device, "auto, cpu, cuda or cuda:N")
+    opt(
+        "--executor",
+        d.executor,
+        "where models live: process (default) or thread",
+        choices=["process", "thread"],
+    )
+    opt("--spool-dir", str(d.spool_dir), "directory for uploads and converted audio")
+    opt("--max-upload-mb", d.max_upload_mb, "largest upload, MiB", type=float)
+    opt("--max-audio-seconds", d.max_audio_seconds, "longest audio, seconds", type=float)
+    opt(
+        "--chunk-seconds",
+        d.chunk_seconds,
+        "longest slice sent to the model (default: 20 CPU, 60 GPU)",
+        type=float,
+    )
+    opt("--batch-size", d.batch_size, "most slices per model call", type=int)
+    opt("--max-queued-slices", d.max_queued_slices, "queue limit before 503", type=int)
+    opt("--job-ttl-s", d.job_ttl_s, "how long finished jobs are kept, seconds", type=float)
+    opt(
+        "--log-format",
+        d.log_format,
+        "json or console (default: console on a TTY)",
+        choices=["json", "console"],
+    )
+    opt("--log-level", d.log_level, "debug, info, warning, error")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        host=args.host,
+        port=int(args.port),
+        models=tuple(m.strip() for m in str(args.model).split(",") if m.strip()),
+        device=args.device,
+        executor=args.executor,
+        spool_dir=Path(args.spool_dir),
+        max_upload_mb=float(args.max_upload_mb),
+        max_audio_seconds=float(args.max_audio_seconds),
+        chunk_seconds=float(args.chunk_seconds) if args.chunk_seconds else None,
+        batch_size=int(args.batch_size),
+        max_queued_slices=int(args.max_queued_slices),
+        job_ttl_s=float(args.job_ttl_s),
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+
+
+def serve(settings: Settings) -> None:
+    from aiohttp import web
+
+    from aiotranscribe.app import create_app
+    from aiotranscribe.logsetup import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        access_log_format='%a "%r" %s %b %Tf',
+        print=None,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="aiotranscribe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    from aiotranscribe.client import add_client_parser
+
+    add_client_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(settings_from_args(args))
+    else:
+        from aiotranscribe.client import run_client
+
+        sys.exit(run_client(args))

@@ -1,0 +1,95 @@
+"""Server settings: one frozen dataclass, built from CLI flags and ``AIOTRANSCRIBE_*`` env vars.
+
+Nothing reads configuration from globals: ``create_app(settings)`` gets everything it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+ENV_PREFIX = "AIOTRANSCRIBE_"
+
+Executor = Literal["process", "thread"]
+LogFormat = Literal["json", "console"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    """Address to bind. Use 0.0.0.0 in a container."""
+
+    port: int = 8000
+    """TCP port to listen on."""
+
+    models: tuple[str, ...] = ("demo",)
+    """Models to serve, each a `.nemo` path, a Hugging Face/NGC name
+    (``nvidia/parakeet-tdt-0.6b-v2``) or ``demo`` (the 41-word model shipped in the package).
+    The first one is the default for requests that do not name one."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    executor: Executor = "process"
+    """``process``: each model lives in its own spawned worker process (the server never
+    imports torch). ``thread``: the model lives in this process behind a one-thread executor."""
+
+    spool_dir: Path = Path("spool")
+    """Where uploads and converted audio live while a job runs; one sub-directory per job."""
+
+    max_upload_mb: float = 512.0
+    """Largest accepted upload, in MiB (1 MiB = 1,048,576 bytes). Bigger uploads get 413."""
+
+    max_audio_seconds: float = 4 * 3600.0
+    """Longest accepted audio, in seconds. Longer audio gets 413."""
+
+    convert_timeout_s: float = 600.0
+    """Wall-clock limit on one ffmpeg conversion, in seconds; then its process group is killed."""
+
+    chunk_seconds: float | None = None
+    """Longest slice sent to the model, in seconds. None: 20 s on CPU, 60 s on a GPU."""
+
+    batch_size: int = 8
+    """Most slices the pool sends to a worker in one call (slices of different jobs mix)."""
+
+    max_queued_slices: int = 2000
+    """Admission limit: submissions that would push the queue past this get 503 + Retry-After."""
+
+    job_ttl_s: float = 3600.0
+    """How long a finished job's result stays available, in seconds, before it is evicted."""
+
+    janitor_interval_s: float = 300.0
+    """How often the janitor sweeps the spool for directories no live job owns, in seconds."""
+
+    shutdown_timeout_s: float = 10.0
+    """How long shutdown waits for running jobs and the cleanup queue, in seconds."""
+
+    log_format: LogFormat | None = None
+    """``json`` or ``console``; None picks console on a TTY, JSON lines otherwise."""
+
+    log_level: str = "info"
+    """Lowest level logged."""
+
+    static_dir: Path = field(
+        default_factory=lambda: Path(__file__).resolve().parent.parent / "static"
+    )
+    """Web UI files served at ``/``."""
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def env_default(name: str, fallback: str | None = None) -> str | None:
+    """The value of ``AIOTRANSCRIBE_<NAME>`` (flag name with dashes as underscores)."""
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), fallback)

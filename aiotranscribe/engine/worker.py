@@ -1,0 +1,43 @@
+"""Entry point of a model worker process (started with the ``spawn`` context).
+
+Protocol over one ``multiprocessing`` pipe, one request in flight at a time:
+the parent sends ``(op, payload)``; the worker answers ``("ok", result)`` or
+``("error", code, message)``. ``op`` is ``"load"`` or ``"transcribe"``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+from aiotranscribe.engine.nemo_engine import ModelLoadError, NemoEngine
+
+
+def handle(engine: NemoEngine, op: str, payload: Any) -> tuple[Any, ...]:
+    try:
+        if op == "load":
+            return ("ok", engine.load())
+        if op == "transcribe":
+            return ("ok", engine.transcribe(payload))
+        return ("error", "bad_request", f"unknown op {op!r}")
+    except ModelLoadError as exc:
+        return ("error", "model_load_failed", str(exc))
+    except Exception as exc:  # the parent logs it; the worker stays up for the next call
+        return ("error", "inference_failed", f"{type(exc).__name__}: {exc}")
+
+
+def main(conn: Connection, spec: str, device: str) -> None:
+    # Ctrl-C in a terminal goes to the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    engine = NemoEngine(spec, device)
+    while True:
+        try:
+            op, payload = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent went away
+        if op == "stop":
+            return
+        conn.send(handle(engine, op, payload))

@@ -1,0 +1,20 @@
+"""Every typed application key, in one place."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from aiotranscribe.config import Settings
+from aiotranscribe.janitor import Janitor
+from aiotranscribe.jobs import JobStore
+from aiotranscribe.pool import InferencePool
+from aiotranscribe.service import TranscriptionService
+
+settings_key = web.AppKey("settings", Settings)
+store_key = web.AppKey("store", JobStore)
+pools_key = web.AppKey("pools", dict[str, InferencePool])
+janitor_key = web.AppKey("janitor", Janitor)
+service_key = web.AppKey("service", TranscriptionService)
+websockets_key = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])

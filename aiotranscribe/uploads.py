@@ -1,0 +1,135 @@
+"""Stream a multipart upload to ``spool/<job_id>/upload`` with aiofiles, under a byte cap.
+
+The file part is read in chunks and written as it arrives (never buffered whole; aiohttp's
+``client_max_size`` does not cap ``read_chunk``, so bytes are counted here). Its kind is
+sniffed from the first bytes; anything outside the allow-list is refused before ffmpeg
+ever sees it. The client's file name is kept as metadata only, never used in a path.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiofiles
+from aiohttp import BodyPartReader, web
+
+from aiotranscribe.sniff import SNIFF_BYTES, sniff
+
+CHUNK_BYTES = 256 * 1024
+# Room for the multipart framing and small form fields on top of the file cap, when judging
+# a request by its Content-Length.
+FORM_OVERHEAD_BYTES = 64 * 1024
+FIELD_MAX_BYTES = 4096
+FILE_FIELD = "file"
+ALLOWED_KINDS = "wav, mp3, flac, ogg/opus, m4a/mp4/aac, webm/mkv"
+
+
+class UploadError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class Upload:
+    path: Path | None = None
+    filename: str = "upload"
+    size: int = 0
+    kind: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def clean_filename(name: str | None) -> str:
+    """A display-safe version of the client's file name (metadata only)."""
+    if not name:
+        return "upload"
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C")
+    return name.strip()[:255] or "upload"
+
+
+def too_large(limit: int) -> UploadError:
+    mib = limit / (1024 * 1024)
+    return UploadError(
+        413, "too_large", f"the upload is larger than this server's limit of {mib:g} MiB"
+    )
+
+
+def check_content_length(request: web.Request, limit: int) -> None:
+    length = request.content_length
+    if length is not None and length > limit + FORM_OVERHEAD_BYTES:
+        raise too_large(limit)
+
+
+async def _read_field(part: BodyPartReader) -> str:
+    data = bytearray()
+    while chunk := await part.read_chunk(FIELD_MAX_BYTES):
+        data.extend(chunk)
+        if len(data) > FIELD_MAX_BYTES:
+            raise UploadError(400, "field_too_large", f"form field {part.name!r} is too long")
+    return data.decode("utf-8", "replace").strip()
+
+
+async def _stream_file(part: BodyPartReader, dest: Path, limit: int, upload: Upload) -> None:
+    head = bytearray()
+    async with aiofiles.open(dest, "wb") as out:
+        while chunk := await part.read_chunk(CHUNK_BYTES):
+            upload.size += len(chunk)
+            if upload.size > limit:
+                raise too_large(limit)
+            if upload.kind is None:
+                head.extend(chunk)
+                if len(head) >= SNIFF_BYTES:
+                    upload.kind = _judge(bytes(head))
+            await out.write(chunk)
+    if upload.size == 0:
+        raise UploadError(400, "empty_file", "the uploaded file is empty")
+    if upload.kind is None:
+        upload.kind = _judge(bytes(head))
+
+
+def _judge(head: bytes) -> str:
+    kind = sniff(head)
+    if kind is None:
+        raise UploadError(
+            415,
+            "unsupported_media_type",
+            f"the file is not audio this server accepts (allowed: {ALLOWED_KINDS})",
+        )
+    return kind
+
+
+async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upload:
+    """Read the whole multipart body: the ``file`` part to disk, other parts as short fields.
+
+    Raises UploadError (400/413/415); the caller removes ``job_dir`` on any error.
+    """
+    check_content_length(request, limit)
+    if not request.content_type.startswith("multipart/"):
+        raise UploadError(
+            400, "bad_request", "send the audio as multipart/form-data with a 'file' part"
+        )
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError) as exc:
+        raise UploadError(400, "bad_request", f"malformed multipart body: {exc}") from None
+    upload = Upload()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise UploadError(400, "bad_request", "nested multipart bodies are not accepted")
+        if part.name == FILE_FIELD and upload.path is None:
+            upload.path = job_dir / "upload"
+            upload.filename = clean_filename(part.filename)
+            await _stream_file(part, upload.path, limit, upload)
+        elif part.filename is not None or part.name == FILE_FIELD:
+            raise UploadError(400, "bad_request", "send exactly one file, in the 'file' part")
+        elif part.name:
+            upload.fields[part.name] = await _read_field(part)
+    if upload.path is None:
+        raise UploadError(400, "missing_file", "no 'file' part in the form")
+    return upload
