@@ -20,8 +20,6 @@ from pathlib import Path
 from aiotranscribe.sniff import DEMUXERS
 
 SAMPLE_RATE = 16000
-FFMPEG = os.environ.get("AIOTRANSCRIBE_FFMPEG", "ffmpeg")
-FFPROBE = os.environ.get("AIOTRANSCRIBE_FFPROBE", "ffprobe")
 # ffprobe never reads stdin (and has no -nostdin); stdin is /dev/null for both anyway.
 HARDENING = ["-hide_banner", "-protocol_whitelist", "file,pipe"]
 STDERR_KEEP = 4096
@@ -97,11 +95,13 @@ def _reason(stderr: str, path: Path) -> str:
     return last.replace(str(path), "input").replace(path.name, "input")[:300]
 
 
-async def probe_duration(path: Path, kind: str, timeout: float = 30.0) -> float | None:
+async def probe_duration(
+    path: Path, kind: str, *, ffprobe: str = "ffprobe", timeout: float = 30.0
+) -> float | None:
     """The duration the container declares, in seconds, or None when it declares none."""
     code, out, err = await _run(
         [
-            FFPROBE,
+            ffprobe,
             *HARDENING,
             "-v",
             "error",
@@ -137,6 +137,7 @@ async def convert(
     *,
     max_seconds: float,
     timeout: float,
+    ffmpeg: str = "ffmpeg",
     declared_s: float | None = None,
     on_progress: Callable[[float], None] | None = None,
 ) -> float:
@@ -152,7 +153,8 @@ async def convert(
 
     code, _, err = await _run(
         [
-            FFMPEG,
+            ffmpeg,
+            "-nostdin",
             *HARDENING,
             "-loglevel",
             "error",

@@ -72,6 +72,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         batch_size=int(args.batch_size),
         max_queued_slices=int(args.max_queued_slices),
         job_ttl_s=float(args.job_ttl_s),
+        ffmpeg=args.ffmpeg,
+        ffprobe=args.ffprobe,
         log_format=args.log_format,
         log_level=args.log_level,
     )

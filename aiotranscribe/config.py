@@ -49,6 +49,12 @@ class Settings:
     convert_timeout_s: float = 600.0
     """Wall-clock limit on one ffmpeg conversion, in seconds; then its process group is killed."""
 
+    ffmpeg: str = "ffmpeg"
+    """The ffmpeg binary (a name on PATH or a path)."""
+
+    ffprobe: str = "ffprobe"
+    """The ffprobe binary (a name on PATH or a path)."""
+
     chunk_seconds: float | None = None
     """Longest slice sent to the model, in seconds. None: 20 s on CPU, 60 s on a GPU."""
 

@@ -22,7 +22,7 @@ CUE_PAUSE_S = 0.5
 
 
 def _stamp(seconds: float, sep: str) -> str:
-    ms = max(int(round(seconds * 1000)), 0)
+    ms = max(round(seconds * 1000), 0)
     h, rem = divmod(ms, 3_600_000)
     m, rem = divmod(rem, 60_000)
     s, ms = divmod(rem, 1000)

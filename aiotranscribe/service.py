@@ -171,7 +171,9 @@ class TranscriptionService:
         async with self._conversions:
             job.set_stage(PROCESSING, "converting")
             t0 = time.perf_counter()
-            declared = await audio.probe_duration(sub.upload_path, sub.kind)
+            declared = await audio.probe_duration(
+                sub.upload_path, sub.kind, ffprobe=settings.ffprobe
+            )
             if declared is not None and declared > settings.max_audio_seconds:
                 raise audio.AudioError(
                     413,
@@ -201,6 +203,7 @@ class TranscriptionService:
                 max_seconds=settings.max_audio_seconds,
                 timeout=settings.convert_timeout_s,
                 declared_s=declared,
+                ffmpeg=settings.ffmpeg,
                 on_progress=converted,
             )
             sub.upload_path.unlink(missing_ok=True)  # the WAV is all we need from here

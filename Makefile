@@ -1,0 +1,49 @@
+# `make serve` and `make test` each set up everything on a fresh machine, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# CPU torch is installed before NeMo so pip does not pull the multi-GB CUDA build.
+# On a GPU host run `make TORCH=skip ...` with a CUDA torch already in the venv/base image.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: serve test setup system-deps lint typecheck demo-model bench-health clean
+
+serve: setup
+	$(BIN)/aiotranscribe serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: system-deps $(VENV)/.installed
+
+# ffmpeg decodes uploads; espeak-ng and sox make the tests' speech.
+system-deps:
+	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg espeak-ng sox; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if [ "$(TORCH)" != skip ]; then $(BIN)/pip install -q "$(TORCH)"; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check aiotranscribe tests tools
+	$(BIN)/ruff format --check aiotranscribe tests tools
+	$(BIN)/mypy
+
+demo-model: setup
+	$(BIN)/python tools/train_demo_model.py --out aiotranscribe/models/demo.nemo
+
+bench-health: setup
+	$(BIN)/python benchmarks/health_latency.py
+
+clean:
+	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,73 @@
+"""Model loading in the background, load failures, and the process executor end to end."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from aiotranscribe.keys import pools_key
+from tests.conftest import child_processes, wait_ready
+from tests.helpers import form
+
+
+async def test_process_executor_end_to_end(make_client, media):
+    client = await make_client(ready=False, executor="process")
+    # The worker is still importing NeMo: /health answers at once, transcription is 503.
+    latencies = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        resp = await client.get("/health")
+        latencies.append(time.perf_counter() - t0)
+        body = await resp.json()
+    assert body["status"] == "model_not_loaded" and body["model_loaded"] is False
+    # Not a speed target (benchmarks/health_latency.py measures that): loading must not
+    # block the loop for the seconds NeMo's import takes.
+    assert statistics.median(latencies) < 2.0
+    assert (await client.get("/ready")).status == 503
+    resp = await client.post("/transcribe", data=form(media["wav"]))
+    assert resp.status == 503
+    assert "loading" in (await resp.json())["detail"]
+    assert resp.headers["Retry-After"]
+
+    await wait_ready(client)
+    pool = next(iter(client.app[pools_key].values()))
+    assert pool.state == "ready", pool.error
+    worker_pid = pool.worker.pid
+    assert any(line.startswith(f"{worker_pid}:") for line in child_processes())
+    resp = await client.post("/transcribe", data=form(media["mp3"]))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["text"] == "hello world"
+    # The server process itself never imported torch for this.
+    # (Checked in a subprocess by test_server_process_does_not_import_torch.)
+    await client.close()
+    assert child_processes() == []
+
+
+async def test_unloadable_hub_model_is_503_with_reason(make_client, media):
+    client = await make_client(models=("nvidia/parakeet-tdt-0.6b-v2",))
+    health = await (await client.get("/health")).json()
+    assert health["status"] == "model_not_loaded"
+    assert health["models"][0]["state"] == "failed"
+    resp = await client.post("/transcribe", data=form(media["wav"]))
+    assert resp.status == 503
+    detail = (await resp.json())["detail"]
+    assert "failed to load" in detail and "hub" in detail and "Traceback" not in detail
+
+
+async def test_missing_nemo_file_is_503(make_client, media, tmp_path):
+    client = await make_client(models=(str(tmp_path / "nope.nemo"),))
+    resp = await client.post("/transcribe", data=form(media["wav"]))
+    assert resp.status == 503
+    assert "not found" in (await resp.json())["detail"]
+
+
+def test_server_process_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from aiotranscribe.app import create_app;"
+        "from aiotranscribe.config import Settings; create_app(Settings()); print('torch' in sys.modules, 'nemo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
