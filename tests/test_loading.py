@@ -66,8 +66,11 @@ def test_server_process_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from aiotranscribe.app import create_app;"
-        "from aiotranscribe.config import Settings; create_app(Settings()); print('torch' in sys.modules, 'nemo' in sys.modules)"
+        "import sys\n"
+        "from aiotranscribe.app import create_app\n"
+        "from aiotranscribe.config import Settings\n"
+        "create_app(Settings())\n"
+        "print('torch' in sys.modules, 'nemo' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
