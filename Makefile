@@ -21,10 +21,13 @@ test: setup
 
 setup: system-deps $(VENV)/.installed
 
-# ffmpeg decodes uploads; espeak-ng and sox make the tests' speech.
+# ffmpeg decodes uploads; espeak-ng and sox make the tests' speech; chromium runs the UI tests.
+SYSTEM_TOOLS := ffmpeg espeak-ng sox chromium
 system-deps:
-	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg espeak-ng sox; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -90,7 +90,6 @@ class InferencePool:
         self._waiting: OrderedDict[str, deque[SliceTask]] = OrderedDict()
         self._queued = 0
         self._wakeup = asyncio.Event()
-        self._running_jobs: set[str] = set()
         self.worker: Worker | None = None
         self.state = "loading"  # loading | ready | failed | stopped
         self.error: str | None = None
@@ -176,9 +175,11 @@ class InferencePool:
             raise QueueFull(self.retry_after())
 
     def submit(self, job_id: str, slices: list[tuple[str, int, int]]) -> list[asyncio.Future[Any]]:
-        """Queue a job's slices; returns one future per slice, in order."""
+        """Queue a job's slices; returns one future per slice, in order.
+
+        Admission happened at the front door (``check_capacity``): an admitted job always
+        gets to queue all its slices, so the limit can be passed by one job's worth."""
         self.ensure_ready()
-        self.check_capacity(len(slices))
         loop = asyncio.get_running_loop()
         queue = self._waiting.setdefault(job_id, deque())
         futures = []
@@ -192,7 +193,6 @@ class InferencePool:
 
     def cancel(self, job_id: str) -> int:
         """Drop a job's waiting slices at once; a batch already running finishes, unseen."""
-        self._running_jobs.discard(job_id)
         queue = self._waiting.pop(job_id, None)
         if not queue:
             return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from aiotranscribe.api.errors import ApiError
@@ -21,6 +22,7 @@ HEARTBEAT_S = 20.0
 MAX_CLIENT_MESSAGE = 4096  # clients have nothing to say beyond pings
 SLOW_CONSUMER = WSCloseCode.POLICY_VIOLATION
 
+log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 
@@ -31,7 +33,11 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         after = int(request.query.get("after", "0"))
     except ValueError:
         raise ApiError(400, "bad_request", "after must be an integer event seq") from None
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE)
+    # No permessage-deflate: events are small, and aiohttp compresses big frames in an
+    # executor, where they could interleave with heartbeat pings.
+    ws = web.WebSocketResponse(
+        heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE, compress=False
+    )
     await ws.prepare(request)
     sockets = request.app[websockets_key]
     sockets.add(ws)
@@ -46,7 +52,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 last = event["seq"]
         terminal = job.terminal and last >= job.events[-1]["seq"]
         # Read (and ignore) client frames so pings, pongs and close frames are handled.
-        reader = request.loop.create_task(_drain(ws))
+        reader = asyncio.create_task(_drain(ws))
         while not terminal and not ws.closed:
             getter = asyncio.ensure_future(sub.queue.get())
             await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -69,6 +75,10 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 code=WSCloseCode.GOING_AWAY if closing else WSCloseCode.OK,
                 message=b"server shutdown" if closing else b"job finished",
             )
+    except Exception:
+        # After the upgrade an HTTP error answer would corrupt the stream: close instead.
+        log.exception("events_socket_failed", job_id=job.id)
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
     finally:
         job.unsubscribe(sub)
         sockets.discard(ws)

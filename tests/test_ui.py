@@ -1,0 +1,405 @@
+"""The web UI in a real browser (Debian's Chromium, driven by Playwright) against a real server.
+
+Each test runs its own ``python -m aiotranscribe serve`` subprocess and its own browser, and
+stops both before it ends (the autouse check wants no child processes left).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ARTIFACTS, MODEL
+from tests.ui_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    Server,
+    long_audio,
+    start_server,
+    utterances,
+)
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
+
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+
+TRANSCRIBE_TIMEOUT_MS = 120_000
+UTTERANCES = [
+    "hello world",
+    "one two three four five",
+    "please call tomorrow",
+    "red green blue",
+    "stop go left right",
+    "six seven eight nine ten",
+    "thank you",
+    "open close",
+]
+
+ServerFactory = Callable[..., Server]
+BrowserFactory = Callable[..., Browser]
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    servers: list[Server] = []
+
+    def make(*extra: str) -> Server:
+        server = start_server(MODEL, tmp_path, *extra)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+        left = sorted(p.name for p in server.spool.iterdir()) if server.spool.exists() else []
+        assert left == [], f"spool not empty after the server stopped: {left}"
+
+
+@pytest.fixture
+def browser_factory() -> Iterator[BrowserFactory]:
+    with sync_playwright() as pw:
+        browsers: list[Browser] = []
+
+        def launch(*extra_args: str) -> Browser:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, *extra_args]
+            )
+            browsers.append(browser)
+            return browser
+
+        yield launch
+        for browser in browsers:
+            browser.close()
+
+
+def open_page(browser: Browser, server: Server, **context_args: Any) -> Page:
+    context = browser.new_context(base_url=server.url, **context_args)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Everything the page loads must come from this server.
+    foreign: list[str] = []
+    page.on(
+        "request",
+        lambda req: (
+            foreign.append(req.url)
+            if not req.url.startswith((server.url, "blob:", "data:"))
+            else None
+        ),
+    )
+    page.errors = errors  # type: ignore[attr-defined]
+    page.foreign = foreign  # type: ignore[attr-defined]
+    page.goto("/")
+    expect(page.locator("#server")).to_have_attribute("data-state", "ready")
+    return page
+
+
+def assert_clean(page: Page) -> None:
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    assert page.foreign == [], page.foreign  # type: ignore[attr-defined]
+
+
+def wait_stage(page: Page, text: str, timeout: float = TRANSCRIBE_TIMEOUT_MS) -> None:
+    """Wait for the stage line to read ``text``; fail early with the page's error if one shows."""
+    page.wait_for_function(
+        """(text) => document.querySelector('#stage').textContent === text
+                     || !document.querySelector('#error').hidden""",
+        arg=text,
+        timeout=timeout,
+    )
+    assert page.locator("#error").is_hidden(), page.locator("#error").inner_text()
+    expect(page.locator("#stage")).to_have_text(text)
+
+
+def page_words(page: Page) -> list[str]:
+    return page.locator("#transcript .word").all_inner_texts()
+
+
+def result_words(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [w for seg in result["segments"] for w in seg["words"]]
+
+
+# Records every change of the two progress bars and of the transcript, with the job bar's
+# value at that moment, so the test can tell the bars moved and segments came before the end.
+WATCH = """() => {
+  window.__log = [];
+  const job = document.querySelector('#job-progress');
+  const upload = document.querySelector('#upload-progress');
+  const note = (what) => window.__log.push({
+    what, job: job.value, upload: upload.value,
+    segments: document.querySelectorAll('#transcript .segment').length,
+    eta: document.querySelector('#eta').textContent,
+  });
+  new MutationObserver(() => note('job')).observe(job, {attributes: true});
+  new MutationObserver(() => note('upload')).observe(upload, {attributes: true});
+  new MutationObserver(() => note('transcript')).observe(
+    document.querySelector('#transcript'), {childList: true});
+}"""
+
+
+def test_upload_follow_result_seek_and_download(
+    server_factory: ServerFactory, browser_factory: BrowserFactory, tmp_path: Path
+) -> None:
+    # Short slices, so a ~40 s file is several slices: progress moves and segments stream.
+    server = server_factory("--chunk-seconds", "8")
+    audio = utterances(UTTERANCES, tmp_path / "numbers and colours.wav")
+    browser = browser_factory()
+    page = open_page(
+        browser, server, accept_downloads=True, permissions=["clipboard-read", "clipboard-write"]
+    )
+    expect(page.locator("#server-text")).to_contain_text("ready")
+    expect(page.locator("#start")).to_be_disabled()
+
+    page.set_input_files("#file", str(audio))
+    expect(page.locator("#selected-name")).to_have_text(audio.name)
+    page.fill("#language", "en")
+    page.evaluate(WATCH)
+    page.click("#start")
+    wait_stage(page, "Done.")
+
+    # The bars moved: upload to 100 %, the job bar through values between 0 and 1.
+    log = page.evaluate("window.__log")
+    uploads = [e["upload"] for e in log if e["what"] == "upload"]
+    jobs = [e["job"] for e in log if e["what"] == "job"]
+    assert uploads and max(uploads) == 1, uploads
+    assert jobs[-1] == 1 and len({v for v in jobs if 0 < v < 1}) >= 2, jobs
+    assert jobs == sorted(jobs), jobs
+    expect(page.locator("#job-pct")).to_have_text("100%")
+    # Segments appeared while the job was still running, and an ETA was shown.
+    assert any(e["what"] == "transcript" and e["job"] < 1 for e in log), log
+    assert any(e["eta"].endswith("left") for e in log), log
+
+    # The transcript on the page is the server's result, word for word, and has the words.
+    job_id = page.locator("#jobs li").first.get_attribute("data-job-id")
+    assert job_id
+    result = server.get_json(f"/jobs/{job_id}/result")
+    assert page_words(page) == [w["word"] for w in result_words(result)]
+    assert result["language"] == "en"
+    for text in UTTERANCES:
+        assert text in result["text"], (text, result["text"])
+    expect(page.locator("#jobs li").first).to_contain_text("completed")
+
+    # Downloads are the server's renderings.
+    with page.expect_download() as info:
+        page.click("#dl-srt")
+    download = info.value
+    assert download.suggested_filename == "numbers and colours.srt"
+    srt = Path(download.path()).read_text(encoding="utf-8")
+    status, body = server.get(f"/jobs/{job_id}/result?format=srt")
+    assert status == 200 and srt == body.decode("utf-8")
+    assert "-->" in srt and "hello world" in srt
+    for fmt in ("text", "vtt", "json"):
+        href = page.locator(f"#dl-{fmt}").get_attribute("href")
+        assert href == f"/jobs/{job_id}/result?format={fmt}"
+
+    # Copy puts the text on the clipboard.
+    page.click("#copy")
+    expect(page.locator("#copied")).to_have_text("Copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == result["text"]
+
+    # Clicking a word seeks the player to that word's start and highlights it.
+    target = next(w for w in result_words(result) if w["word"] == "green")
+    word = page.locator("#transcript .word", has_text=re.compile("^green$")).first
+    page.wait_for_function("document.querySelector('#audio').readyState >= 1")
+    word.click()
+    page.wait_for_function(
+        "(t) => Math.abs(document.querySelector('#audio').currentTime - t) <= 0.1",
+        arg=target["start"],
+    )
+    expect(word).to_have_class(re.compile(r"\bcurrent\b"))
+    # The keyboard does the same: Right arrow moves to the next word, Enter seeks there.
+    following = result_words(result)[result_words(result).index(target) + 1]
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "(t) => Math.abs(document.querySelector('#audio').currentTime - t) <= 0.1",
+        arg=following["start"],
+    )
+    # During playback the highlight follows the audio.
+    page.evaluate("document.querySelector('#audio').play()")
+    page.wait_for_function(
+        """(t) => { const w = document.querySelector('#transcript .word.current');
+                    return w && Number(w.dataset.start) > t + 0.2; }""",
+        arg=following["start"],
+        timeout=20_000,
+    )
+    page.evaluate("document.querySelector('#audio').pause()")
+
+    shots = ARTIFACTS
+    shots.mkdir(exist_ok=True)
+    page.screenshot(path=str(shots / "ui-light.png"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(shots / "ui-dark.png"), full_page=True)
+    # Phone width: nothing wider than the screen.
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(shots / "ui-phone-dark.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
+
+    # The session's jobs survive a reload and a finished one can be reopened.
+    page.reload()
+    expect(page.locator("#jobs li")).to_have_count(1)
+    expect(page.locator("#jobs li").first).to_contain_text("completed")
+    page.locator("#jobs li .job-open").first.click()
+    expect(page.locator("#transcript .word").first).to_be_visible()
+    assert page_words(page) == [w["word"] for w in result_words(result)]
+    expect(page.locator("#no-audio")).to_be_visible()  # the object URL died with the page
+    expect(page.locator("#dl-srt")).to_have_attribute("href", f"/jobs/{job_id}/result?format=srt")
+    assert_clean(page)
+
+
+def test_microphone_recording(
+    server_factory: ServerFactory, browser_factory: BrowserFactory, tmp_path: Path
+) -> None:
+    server = server_factory()
+    spoken = "please call tomorrow"
+    wav = utterances([spoken], tmp_path / "mic.wav", gap_s=1.0)
+    browser = browser_factory(
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
+    )
+    page = open_page(browser, server, permissions=["microphone"])
+    page.click("#record")
+    expect(page.locator("#record")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#record-label")).to_contain_text("Stop recording (0:0")
+    page.wait_for_timeout(4500)  # the file is ~3.5 s; a little silence after does no harm
+    page.click("#record")
+    expect(page.locator("#record")).to_have_attribute("aria-pressed", "false")
+    expect(page.locator("#selected-name")).to_have_text(re.compile(r"^recording-.*\.webm$"))
+    page.click("#start")
+    wait_stage(page, "Done.")
+    text = " ".join(page_words(page))
+    assert spoken in text, text
+    expect(page.locator("#jobs li").first).to_contain_text("recording-")
+    assert_clean(page)
+
+
+def test_errors_reconnect_cancel_and_polling(
+    server_factory: ServerFactory, browser_factory: BrowserFactory, tmp_path: Path
+) -> None:
+    server = server_factory("--max-upload-mb", "60")
+    browser = browser_factory()
+    page = open_page(browser, server)
+
+    # Not audio, whatever the name says: the 415 in plain words.
+    fake = tmp_path / "notes.mp3"
+    fake.write_text("These are my meeting notes, not a recording.\n" * 50)
+    page.set_input_files("#file", str(fake))
+    page.click("#start")
+    expect(page.locator("#error")).to_contain_text("not audio this server can read")
+    expect(page.locator("#error")).to_contain_text("wav, mp3, flac")
+    expect(page.locator("#progress-card")).to_be_hidden()
+
+    # Too large: the 413 names the server's limit.
+    big = tmp_path / "big.wav"
+    with big.open("wb") as out:
+        out.write(b"RIFF\xff\xff\xff\xffWAVEfmt ")
+        out.truncate(61 * 1024 * 1024)
+    page.set_input_files("#file", str(big))
+    page.click("#start")
+    expect(page.locator("#error")).to_contain_text("too large")
+    expect(page.locator("#error")).to_contain_text("60 MiB")
+
+    # A long job. Its first events socket is dropped after two events: the page reconnects
+    # with ?after=2 and carries on; then Cancel stops the job.
+    sockets: list[str] = []
+
+    def drop_first(ws: Any) -> None:
+        sockets.append(ws.url)
+        upstream = ws.connect_to_server()
+        if len(sockets) > 1:
+            return  # later sockets pass through untouched
+        seen = []
+
+        def forward(message: str | bytes) -> None:
+            seen.append(message)
+            ws.send(message)
+            if len(seen) == 2:
+                ws.close(code=4000, reason="test: dropped")
+                upstream.close()
+
+        upstream.on_message(forward)
+
+    page.route_web_socket(re.compile(r"/jobs/[0-9a-f]+/events"), drop_first)
+    long_wav = long_audio(tmp_path / "long meeting.wav", minutes=20)
+    page.set_input_files("#file", str(long_wav))
+    page.click("#start")
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#stage")).to_have_text("Transcribing…", timeout=TRANSCRIBE_TIMEOUT_MS)
+    assert len(sockets) >= 2 and sockets[0].endswith("?after=0"), sockets
+    assert sockets[1].endswith("?after=2"), sockets
+    page.click("#cancel")
+    wait_stage(page, "Cancelled.")
+    expect(page.locator("#cancel")).to_be_hidden()
+    job_id = page.locator("#jobs li").first.get_attribute("data-job-id")
+    expect(page.locator("#jobs li").first).to_contain_text("cancelled")
+    info = server.get_json(f"/jobs/{job_id}/status")
+    assert info["status"] == "cancelled" and info["progress"] < 1, info
+
+    # Without WebSockets the page polls /jobs/{id}/status instead, and still finishes.
+    polling = browser.new_context(base_url=server.url)
+    polling.add_init_script("delete window.WebSocket")
+    page2 = polling.new_page()
+    opened: list[str] = []
+    page2.on("websocket", lambda ws: opened.append(ws.url))
+    status_polls: list[str] = []
+    page2.on("request", lambda r: status_polls.append(r.url) if r.url.endswith("/status") else None)
+    page2.goto("/")
+    short = utterances(["hello world"], tmp_path / "hello.wav")
+    page2.set_input_files("#file", str(short))
+    page2.click("#start")
+    wait_stage(page2, "Done.")
+    assert "hello world" in " ".join(page_words(page2))
+    assert opened == [] and status_polls, (opened, status_polls)
+    # Two contexts, one session each: the second tab's list has only its own job.
+    expect(page2.locator("#jobs li")).to_have_count(1)
+    assert_clean(page)
+
+
+def test_server_status_and_busy_message(
+    server_factory: ServerFactory, browser_factory: BrowserFactory
+) -> None:
+    """/health's failed model is shown with its error; a 503's Retry-After is read out."""
+    server = server_factory()
+    browser = browser_factory()
+    page = open_page(browser, server)
+    # Answer /health and the upload with what a loading, then busy, server says.
+    failed = {
+        "status": "model_not_loaded",
+        "model_loaded": False,
+        "model_name": "parakeet",
+        "models": [{"name": "parakeet", "state": "failed", "error": "CUDA out of memory"}],
+    }
+    page.route(
+        "**/health",
+        lambda route: route.fulfill(json=failed),
+    )
+    page.route(
+        "**/transcribe/async",
+        lambda route: route.fulfill(
+            status=503,
+            headers={"Retry-After": "7", "Content-Type": "application/json"},
+            body=json.dumps({"detail": "the server is busy; retry in 7 s", "code": "queue_full"}),
+        ),
+    )
+    page.reload()
+    expect(page.locator("#server")).to_have_attribute("data-state", "failed")
+    expect(page.locator("#server-text")).to_contain_text("CUDA out of memory")
+    page.set_input_files(
+        "#file", {"name": "x.wav", "mimeType": "audio/wav", "buffer": b"RIFF0000WAVE" * 10}
+    )
+    page.click("#start")
+    expect(page.locator("#error")).to_have_text("The server is busy. Try again in 7 s.")
+    # Network failure: the server is gone.
+    page.unroute("**/transcribe/async")
+    page.route("**/transcribe/async", lambda route: route.abort("connectionrefused"))
+    page.click("#start")
+    expect(page.locator("#error")).to_contain_text("could not be reached")
+    assert_clean(page)
