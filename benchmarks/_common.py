@@ -1,0 +1,121 @@
+"""Helpers for the benchmark scripts: real server subprocess, real speech, /proc readings."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests import speech  # noqa: E402
+
+TEXTS = [
+    "hello world",
+    "one two three four five",
+    "please call tomorrow",
+    "open close",
+    "stop go left right",
+    "six seven eight nine ten",
+    "thank you",
+    "send time today",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_speech(seconds: float, workdir: Path, seed: int = 5) -> tuple[Path, list[str]]:
+    rng = random.Random(seed)
+    said = [speech.say(t, workdir / f"u{i}.wav") for i, t in enumerate(TEXTS)]
+    pause = speech.silence(workdir / "pause.wav", 0.8)
+    parts, texts, total = [], [], 0.0
+    while total < seconds:
+        i = rng.randrange(len(said))
+        parts += [said[i], pause]
+        texts.append(TEXTS[i])
+        total += speech.duration(said[i]) + 0.8
+    return speech.concat(parts, workdir / f"speech-{int(seconds)}s.wav"), texts
+
+
+class Server:
+    """``aiotranscribe serve`` in a subprocess, stopped on exit."""
+
+    def __init__(self, *extra: str, model: str = "demo") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.spool = Path(tempfile.mkdtemp(prefix="bench-spool-"))
+        self.args = [
+            sys.executable,
+            "-m",
+            "aiotranscribe",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(self.port),
+            "--spool-dir",
+            str(self.spool),
+            "--log-format",
+            "json",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+
+    def __enter__(self) -> Server:
+        self.proc = subprocess.Popen(self.args, cwd=ROOT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{self.url}/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await __import__("asyncio").sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
