@@ -106,7 +106,8 @@ async def close_websockets(app: web.Application) -> None:
     """Cancel running jobs so watchers see their final status, then close sockets with 1001."""
     service = app[service_key]
     await service.close(app[settings_key].shutdown_timeout_s)
-    sockets = list(app[websockets_key])
+    registry = app[websockets_key]
+    sockets = list(registry)
     await asyncio.gather(
         *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
         return_exceptions=True,

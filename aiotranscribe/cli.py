@@ -56,6 +56,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         choices=["json", "console"],
     )
     opt("--log-level", d.log_level, "debug, info, warning, error")
+    opt("--ffmpeg", d.ffmpeg, "ffmpeg binary")
+    opt("--ffprobe", d.ffprobe, "ffprobe binary")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -33,7 +33,7 @@ class Janitor:
         *,
         interval_s: float = 300.0,
         remove: Callable[[Path], None] = remove_tree,
-        on_sweep: Callable[[], None] | None = None,
+        on_sweep: Callable[[], object] | None = None,
     ) -> None:
         self.spool = spool
         self._live_ids = live_ids

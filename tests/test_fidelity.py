@@ -1,0 +1,90 @@
+"""The server returns what the model says: held-out speech in every accepted encoding,
+and five minutes of it in one file (chunked). Uses the shipped demo model."""
+
+from __future__ import annotations
+
+import difflib
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import fidelity, speech
+from tests.conftest import MODEL
+from tests.helpers import form
+
+pytestmark = pytest.mark.skipif(
+    not Path(MODEL).name.startswith("demo"), reason="fidelity needs the shipped demo model"
+)
+FORMAT_UTTERANCES = 60
+LONG_UTTERANCES = 90
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> list[fidelity.Reference]:
+    work = tmp_path_factory.mktemp("heldout")
+    return fidelity.offline_reference(MODEL, fidelity.make_utterances(LONG_UTTERANCES, work))
+
+
+def poster(client):
+    async def post(path: Path) -> dict[str, Any]:
+        resp = await client.post("/transcribe", data=form(path))
+        assert resp.status == 200, await resp.text()
+        body: dict[str, Any] = await resp.json()
+        return body
+
+    return post
+
+
+async def test_every_format_matches_offline(make_client, references, tmp_path):
+    refs = references[:FORMAT_UTTERANCES]
+    files = fidelity.encode_all(refs, tmp_path)
+    client = await make_client(batch_size=16)
+    rows = await fidelity.measure(refs, files, poster(client))
+    print("\n" + fidelity.table(rows))
+    for row in rows:
+        assert row["offline_wer"] <= 3.0, row
+        assert row["wer"] - row["offline_wer"] <= 0.5, row
+        assert row["median_start_error_ms"] <= 40.0, row
+
+
+async def test_five_minutes_chunked_keeps_words_in_their_utterance(
+    make_client, references, tmp_path
+):
+    rng = random.Random(99)
+    parts, spans, t = [], [], 0.0
+    pauses = {}
+    for ref in references:
+        seconds = round(rng.uniform(0.4, 2.0), 1)
+        if seconds not in pauses:
+            pauses[seconds] = speech.silence(tmp_path / f"p{seconds}.wav", seconds)
+        length = speech.duration(ref.wav)
+        spans.append((t, t + length))
+        parts += [ref.wav, pauses[seconds]]
+        t += length + speech.duration(pauses[seconds])
+    assert t >= 240.0, t
+    long_wav = speech.concat(parts, tmp_path / "five-minutes.wav")
+    client = await make_client(chunk_seconds=20)
+    resp = await client.post("/transcribe", data=form(long_wav))
+    assert resp.status == 200
+    result = await resp.json()
+
+    truth = [(w, i) for i, ref in enumerate(references) for w in ref.truth.split()]
+    offline_edits = sum(fidelity.wer(r.truth.split(), r.text.split())[0] for r in references)
+    got = [w for s in result["segments"] for w in s["words"]]
+    edits, total = fidelity.wer([w for w, _ in truth], [w["word"] for w in got])
+    assert 100.0 * (edits - offline_edits) / total <= 1.0, (edits, offline_edits, total)
+
+    matcher = difflib.SequenceMatcher(
+        a=[w for w, _ in truth], b=[w["word"] for w in got], autojunk=False
+    )
+    checked = 0
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            start, end = spans[truth[block.a + k][1]]
+            word = got[block.b + k]
+            assert start - 0.05 <= word["start"] <= end, (word, start, end)
+            assert word["end"] <= end + 0.1, (word, start, end)
+            checked += 1
+    assert checked >= 0.95 * total
