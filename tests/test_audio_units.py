@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import wave
 
 import numpy as np
-
 import pytest
 
 from aiotranscribe.chunking import plan_slices
@@ -66,10 +66,9 @@ def test_slices_are_cut_inside_pauses(voices, tmp_path):
     slices = plan_slices(wav, max_seconds=10.0)
     assert slices[0][0] == 0
     assert sum(n for _, n in slices) == round(t * 16000)
-    for (start, count), (next_start, _) in zip(slices, slices[1:], strict=False):
+    for (start, count), (next_start, _) in itertools.pairwise(slices):
         assert start + count == next_start  # no gap, no overlap
-    for start, count in slices:
-        assert count <= 10.0 * 16000
+    assert all(count <= 10.0 * 16000 for _, count in slices)
     for start, _ in slices[1:]:
         cut = start / 16000
         assert not any(a <= cut <= b for a, b in speech_spans), f"cut at {cut:.2f} s is in speech"
