@@ -43,3 +43,34 @@ async def test_cli_prints_text_and_reports_server_errors(client, voices, tmp_pat
     code, out, err = await run_cli(str(junk), "--url", url, "--quiet")
     assert code == 1
     assert "415" in err and "not audio" in err
+
+
+async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio):
+    import signal
+
+    from aiotranscribe.keys import service_key
+
+    path, _ = long_audio
+    client = await make_client(chunk_seconds=5, batch_size=1)
+    url = str(client.make_url("")).rstrip("/")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aiotranscribe",
+        "transcribe",
+        str(path),
+        "--url",
+        url,
+        "--quiet",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    store = client.app[service_key].store
+    async with asyncio.timeout(60):
+        while not any(job.stage == "transcribing" for job in store):
+            await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 130, err.decode()
+    (job,) = list(store)
+    assert job.status == "cancelled"
