@@ -61,32 +61,47 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 break
             event = getter.result()
             if sub.overflowed:
-                await ws.close(code=SLOW_CONSUMER, message=b"consumer too slow")
+                await _close(ws, reader, SLOW_CONSUMER, b"consumer too slow")
                 break
             if event["seq"] <= last:
                 continue
             await ws.send_json(event)
             last = event["seq"]
             terminal = event["type"] in TERMINAL
-        if not ws.closed:
-            # A job ended by shutdown closes with "going away", so clients know to retry.
-            closing = request.app[service_key].closing
-            await ws.close(
-                code=WSCloseCode.GOING_AWAY if closing else WSCloseCode.OK,
-                message=b"server shutdown" if closing else b"job finished",
-            )
+        # A job ended by shutdown closes with "going away", so clients know to retry.
+        closing = request.app[service_key].closing
+        await _close(
+            ws,
+            reader,
+            WSCloseCode.GOING_AWAY if closing else WSCloseCode.OK,
+            b"server shutdown" if closing else b"job finished",
+        )
     except Exception:
         # After the upgrade an HTTP error answer would corrupt the stream: close instead.
         log.exception("events_socket_failed", job_id=job.id)
-        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+        await _close(ws, reader, WSCloseCode.INTERNAL_ERROR, b"internal error")
     finally:
         job.unsubscribe(sub)
         sockets.discard(ws)
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+        await _stop(reader)
     return ws
+
+
+async def _stop(reader: asyncio.Task[None] | None) -> None:
+    if reader is not None and not reader.done():
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
+
+
+async def _close(
+    ws: web.WebSocketResponse, reader: asyncio.Task[None] | None, code: int, message: bytes
+) -> None:
+    """Close with ``code`` and wait for the client's answer. The reader stops first: a close
+    racing a pending receive makes aiohttp drop the connection without waiting for it."""
+    await _stop(reader)
+    if not ws.closed:
+        await ws.close(code=code, message=message)
 
 
 async def _drain(ws: web.WebSocketResponse) -> None:
