@@ -8,12 +8,13 @@ event), WebSockets get a final status and 1001, workers stop, then the janitor d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
-from aiotranscribe.api import events, health, transcribe
+from aiotranscribe.api import events, health, openai_compat, openapi, transcribe
 from aiotranscribe.api.errors import error_middleware
 from aiotranscribe.api.pages import add_static_routes
 from aiotranscribe.config import Settings
@@ -22,39 +23,51 @@ from aiotranscribe.janitor import Janitor
 from aiotranscribe.jobs import JobStore, MemoryJobStore
 from aiotranscribe.keys import (
     janitor_key,
+    metrics_key,
     pools_key,
     service_key,
     settings_key,
     store_key,
     websockets_key,
 )
+from aiotranscribe.metrics import Metrics
 from aiotranscribe.pool import InferencePool
 from aiotranscribe.service import TranscriptionService
 from aiotranscribe.workers import Worker, make_worker
 
 # Uploads are streamed by our own reader with its own cap; this only bounds other bodies.
 CLIENT_MAX_SIZE = 1024 * 1024
+# How long shutdown lets WebSocket handlers send their job's final event on their own.
+SOCKET_DRAIN_S = 2.0
 
 
-def build_pools(settings: Settings) -> dict[str, InferencePool]:
+def build_pools(settings: Settings, metrics: Metrics | None = None) -> dict[str, InferencePool]:
     pools: dict[str, InferencePool] = {}
     for spec in settings.models:
         name = model_display_name(spec)
 
         def factory(spec: str = spec) -> Worker:
-            return make_worker(settings.executor, spec, settings.device)
+            return make_worker(settings.executor, spec, settings.device, settings.torch_threads)
 
         pools[name] = InferencePool(
-            name, factory, batch_size=settings.batch_size, max_queued=settings.max_queued_slices
+            name,
+            factory,
+            batch_size=settings.batch_size,
+            max_queued=settings.max_queued_slices,
+            on_batch=metrics.batch_observer(name) if metrics is not None else None,
         )
     return pools
 
 
 def create_app(settings: Settings, store: JobStore | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
+    metrics = Metrics()
+    # Metrics first, to count the answer the client gets; OpenAI's error shape inside.
+    middlewares = [metrics.middleware, error_middleware, openai_compat.openai_error_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=CLIENT_MAX_SIZE)
     app[settings_key] = settings
+    app[metrics_key] = metrics
     app[store_key] = store if store is not None else MemoryJobStore()
-    app[pools_key] = build_pools(settings)
+    app[pools_key] = build_pools(settings, metrics)
     app[websockets_key] = weakref.WeakSet()
     service_holder: list[TranscriptionService] = []
 
@@ -70,6 +83,7 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
     service = TranscriptionService(settings, app[store_key], app[pools_key], app[janitor_key])
     service_holder.append(service)
     app[service_key] = service
+    metrics.watch(app[pools_key], app[store_key], app[websockets_key], service)
 
     app.cleanup_ctx.append(janitor_ctx)
     app.cleanup_ctx.append(pools_ctx)
@@ -78,6 +92,9 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
     app.add_routes(health.routes)
     app.add_routes(transcribe.routes)
     app.add_routes(events.routes)
+    app.add_routes(openai_compat.routes)
+    app.add_routes(openapi.routes)
+    app.router.add_get("/metrics", metrics.handle)
     add_static_routes(app, settings.static_dir)
     return app
 
@@ -107,7 +124,13 @@ async def close_websockets(app: web.Application) -> None:
     service = app[service_key]
     await service.close(app[settings_key].shutdown_timeout_s)
     registry = app[websockets_key]
-    sockets = list(registry)
+    # Every job is terminal now: each handler sends its job's last event and closes with
+    # 1001 by itself. Give them a moment, then close whatever is left.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(SOCKET_DRAIN_S):
+            while any(not ws.closed for ws in registry):
+                await asyncio.sleep(0.02)
+    sockets = [ws for ws in registry if not ws.closed]
     await asyncio.gather(
         *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
         return_exceptions=True,

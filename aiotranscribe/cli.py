@@ -37,6 +37,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "where models live: process (default) or thread",
         choices=["process", "thread"],
     )
+    opt("--torch-threads", d.torch_threads, "CPU threads per model (default: torch's)", type=int)
     opt("--spool-dir", str(d.spool_dir), "directory for uploads and converted audio")
     opt("--max-upload-mb", d.max_upload_mb, "largest upload, MiB", type=float)
     opt("--max-audio-seconds", d.max_audio_seconds, "longest audio, seconds", type=float)
@@ -67,6 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         models=tuple(m.strip() for m in str(args.model).split(",") if m.strip()),
         device=args.device,
         executor=args.executor,
+        torch_threads=int(args.torch_threads) if args.torch_threads else None,
         spool_dir=Path(args.spool_dir),
         max_upload_mb=float(args.max_upload_mb),
         max_audio_seconds=float(args.max_audio_seconds),

@@ -33,6 +33,10 @@ class Settings:
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
 
+    torch_threads: int | None = None
+    """CPU threads torch may use per model (``torch.set_num_threads``); None keeps torch's
+    default (one per core). On a shared or small CPU host, 1 is often several times faster."""
+
     executor: Executor = "process"
     """``process``: each model lives in its own spawned worker process (the server never
     imports torch). ``thread``: the model lives in this process behind a one-thread executor."""

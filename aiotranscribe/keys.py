@@ -9,6 +9,7 @@ from aiohttp import web
 from aiotranscribe.config import Settings
 from aiotranscribe.janitor import Janitor
 from aiotranscribe.jobs import JobStore
+from aiotranscribe.metrics import Metrics
 from aiotranscribe.pool import InferencePool
 from aiotranscribe.service import TranscriptionService
 
@@ -17,4 +18,5 @@ store_key = web.AppKey("store", JobStore)
 pools_key = web.AppKey("pools", dict[str, InferencePool])
 janitor_key = web.AppKey("janitor", Janitor)
 service_key = web.AppKey("service", TranscriptionService)
+metrics_key = web.AppKey("metrics", Metrics)
 websockets_key: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

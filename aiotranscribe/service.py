@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class TranscriptionService:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._conversions = asyncio.Semaphore(MAX_CONVERSIONS)
         self.closing = False
+        # Called once per job as it ends, with its stage timings (seconds) and ``total_s``.
+        self.on_finish: list[Callable[[Job, dict[str, float]], None]] = []
 
     # -- names and admission -----------------------------------------------------------------
 
@@ -143,6 +146,8 @@ class TranscriptionService:
         finally:
             self.janitor.discard(self.job_dir(job.id))
             total = time.perf_counter() - started
+            for hook in self.on_finish:
+                hook(job, {**timings, "total_s": total})
             audio_s = timings.get("audio_s", 0.0)
             log.info(
                 "transcription",

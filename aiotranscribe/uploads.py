@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiofiles
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from aiotranscribe.sniff import SNIFF_BYTES, sniff
 
@@ -41,6 +42,8 @@ class Upload:
     size: int = 0
     kind: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
+    multi: dict[str, list[str]] = field(default_factory=dict)
+    """Every value of each field, in order (repeated fields such as ``a[]``)."""
 
 
 def clean_filename(name: str | None) -> str:
@@ -103,6 +106,13 @@ def _judge(head: bytes) -> str:
     return kind
 
 
+async def _next_part(reader: MultipartReader) -> MultipartReader | BodyPartReader | None:
+    try:
+        return await reader.next()
+    except (ValueError, HttpProcessingError):  # e.g. control characters in a part's headers
+        raise UploadError(400, "bad_request", "malformed multipart part headers") from None
+
+
 async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upload:
     """Read the whole multipart body: the ``file`` part to disk, other parts as short fields.
 
@@ -119,7 +129,7 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
         raise UploadError(400, "bad_request", f"malformed multipart body: {exc}") from None
     upload = Upload()
     job_dir.mkdir(parents=True, exist_ok=True)
-    while (part := await reader.next()) is not None:
+    while (part := await _next_part(reader)) is not None:
         if not isinstance(part, BodyPartReader):
             raise UploadError(400, "bad_request", "nested multipart bodies are not accepted")
         if part.name == FILE_FIELD and upload.path is None:
@@ -129,7 +139,9 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
         elif part.filename is not None or part.name == FILE_FIELD:
             raise UploadError(400, "bad_request", "send exactly one file, in the 'file' part")
         elif part.name:
-            upload.fields[part.name] = await _read_field(part)
+            value = await _read_field(part)
+            upload.fields[part.name] = value
+            upload.multi.setdefault(part.name, []).append(value)
     if upload.path is None:
         raise UploadError(400, "missing_file", "no 'file' part in the form")
     return upload

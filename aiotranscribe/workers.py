@@ -47,9 +47,10 @@ class Worker(Protocol):
 class ProcessWorker:
     """A model in a child process started with ``spawn`` (CUDA cannot live in a forked child)."""
 
-    def __init__(self, spec: str, device: str) -> None:
+    def __init__(self, spec: str, device: str, threads: int | None = None) -> None:
         self.spec = spec
         self.device = device
+        self.threads = threads
         self._ctx = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Any = None
@@ -68,7 +69,7 @@ class ProcessWorker:
         parent, child = self._ctx.Pipe()
         self._process = self._ctx.Process(
             target=worker.main,
-            args=(child, self.spec, self.device),
+            args=(child, self.spec, self.device, self.threads),
             name="aiotranscribe-worker",
             daemon=True,
         )
@@ -132,10 +133,10 @@ class ThreadWorker:
     A running batch cannot be interrupted; ``stop`` waits for it.
     """
 
-    def __init__(self, spec: str, device: str) -> None:
+    def __init__(self, spec: str, device: str, threads: int | None = None) -> None:
         from aiotranscribe.engine.nemo_engine import NemoEngine
 
-        self._engine = NemoEngine(spec, device)
+        self._engine = NemoEngine(spec, device, threads)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._model_lock = threading.Lock()
 
@@ -175,7 +176,7 @@ class ThreadWorker:
         await loop.run_in_executor(None, lambda: self._io.shutdown(wait=True, cancel_futures=True))
 
 
-def make_worker(executor: str, spec: str, device: str) -> Worker:
+def make_worker(executor: str, spec: str, device: str, threads: int | None = None) -> Worker:
     if executor == "thread":
-        return ThreadWorker(spec, device)
-    return ProcessWorker(spec, device)
+        return ThreadWorker(spec, device, threads)
+    return ProcessWorker(spec, device, threads)

@@ -85,6 +85,7 @@ def settings(tmp_path: Path) -> Settings:
         models=(MODEL,),
         executor="thread",
         device="cpu",
+        torch_threads=1,
         spool_dir=tmp_path / "spool",
         janitor_interval_s=3600,
         shutdown_timeout_s=5,

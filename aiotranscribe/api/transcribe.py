@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 from aiohttp import web
 
@@ -28,8 +30,13 @@ def parse_bool(name: str, value: str | None, default: bool) -> bool:
     raise ApiError(400, "bad_request", f"{name} must be true or false, not {value!r}")
 
 
-async def receive_submission(request: web.Request) -> tuple[str, Submission, Upload]:
-    """Admit, stream the upload to the spool, and validate the form; nothing left on error."""
+async def receive_submission(
+    request: web.Request, check: Callable[[Upload], None] | None = None
+) -> tuple[str, Submission, Upload]:
+    """Admit, stream the upload to the spool, and validate the form; nothing left on error.
+
+    ``check`` validates a route's own fields (and may normalise them) before the model is
+    resolved; what it raises is cleaned up like any other error."""
     service = request.app[service_key]
     settings = request.app[settings_key]
     # Refuse before reading a byte when the default model cannot take work.
@@ -39,6 +46,8 @@ async def receive_submission(request: web.Request) -> tuple[str, Submission, Upl
     service.reserved.add(job_id)
     try:
         upload = await receive_upload(request, service.job_dir(job_id), settings.max_upload_bytes)
+        if check is not None:
+            check(upload)
         model = service.resolve_model(upload.fields.get("model"))
         service.admit(model)
         include = parse_bool(

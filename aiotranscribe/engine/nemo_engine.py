@@ -6,6 +6,7 @@ train/eval and dither on shared modules), so callers keep one call in flight per
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import wave
@@ -46,7 +47,10 @@ def resolve_device(device: str) -> str:
 def _load_model(spec: str, device: str) -> Any:
     import torch
     from nemo.collections.asr.models import ASRModel
+    from nemo.utils import logging as nemo_logging
 
+    # NeMo prints an info line on stdout for every transcribe call; keep warnings only.
+    nemo_logging.setLevel(logging.WARNING)
     map_location = torch.device(device)
     path = DEMO_MODEL if spec == "demo" else Path(spec)
     if spec == "demo" or spec.endswith(".nemo"):
@@ -95,15 +99,20 @@ def _words_of(hyp: Any, duration: float) -> list[dict[str, Any]]:
 
 
 class NemoEngine:
-    def __init__(self, spec: str, device: str = "auto") -> None:
+    def __init__(self, spec: str, device: str = "auto", threads: int | None = None) -> None:
         self.spec = spec
         self.requested_device = device
+        self.threads = threads
         self.model: Any = None
         self.info: dict[str, Any] = {}
 
     def load(self) -> dict[str, Any]:
         """Load the model; returns plain facts about it (name, device, sample rate, load time)."""
         started = time.perf_counter()
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         device = resolve_device(self.requested_device)
         model = _load_model(self.spec, device)
         model.eval()

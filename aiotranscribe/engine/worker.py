@@ -28,11 +28,11 @@ def handle(engine: NemoEngine, op: str, payload: Any) -> tuple[Any, ...]:
         return ("error", "inference_failed", f"{type(exc).__name__}: {exc}")
 
 
-def main(conn: Connection, spec: str, device: str) -> None:
+def main(conn: Connection, spec: str, device: str, threads: int | None = None) -> None:
     # Ctrl-C in a terminal goes to the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    engine = NemoEngine(spec, device)
+    engine = NemoEngine(spec, device, threads)
     while True:
         try:
             op, payload = conn.recv()

@@ -1,0 +1,663 @@
+"""The OpenAPI 3.1 document of every route, built once from plain dicts.
+
+A test checks that each route the app registers appears here and that the document
+validates; schemathesis checks that the server's answers agree with it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+from aiotranscribe import __version__
+from aiotranscribe.formats import FORMATS
+
+Schema = dict[str, Any]
+
+JOB_ID = r"^[0-9a-f]{32}$"
+STATUSES = ["pending", "processing", "completed", "failed", "cancelled"]
+STAGES = ["queued", "converting", "transcribing", "finalizing"]
+AUDIO_TYPES = "audio/*, video/*, application/octet-stream"
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(required: list[str] | None = None, **properties: Schema) -> Schema:
+    out: Schema = {"type": "object", "properties": properties}
+    out["required"] = list(properties) if required is None else required
+    return out
+
+
+STR: Schema = {"type": "string"}
+NUM: Schema = {"type": "number"}
+INT: Schema = {"type": "integer"}
+BOOL: Schema = {"type": "boolean"}
+SECONDS: Schema = {"type": "number", "minimum": 0}
+
+WORD = obj(word=STR, start=SECONDS, end=SECONDS)
+SEGMENT = obj(
+    ["id", "start", "end", "text"],
+    id=INT,
+    start=SECONDS,
+    end=SECONDS,
+    text=STR,
+    words={"type": "array", "items": ref("Word")},
+)
+TRANSCRIPTION = obj(
+    ["text", "segments", "filename", "timestamp", "model", "language"],
+    text=STR,
+    segments={"type": "array", "items": ref("Segment")},
+    filename={"type": "string", "description": "The client's file name (metadata only)"},
+    timestamp={"type": "string", "description": "When the transcription finished (ISO 8601)"},
+    model=STR,
+    language=nullable(STR),
+    duration={**SECONDS, "description": "Audio length in seconds"},
+    job_id=STR,
+)
+JOB_INFO = obj(
+    ["job_id", "status", "filename", "created_at", "completed_at", "error", "result"],
+    job_id=STR,
+    status={"type": "string", "enum": STATUSES},
+    filename=STR,
+    created_at=STR,
+    completed_at=nullable(STR),
+    error=nullable(STR),
+    result=nullable(ref("TranscriptionResponse")),
+    stage={"type": "string", "enum": STAGES},
+    progress={"type": "number", "minimum": 0, "maximum": 1},
+    model=STR,
+)
+ERROR = obj(detail={"type": "string", "description": "Human-readable"}, code=STR)
+OPENAI_ERROR = obj(
+    error=obj(
+        message=STR,
+        type={"type": "string", "enum": ["invalid_request_error", "server_error"]},
+        param=nullable(STR),
+        code=nullable(STR),
+    )
+)
+USAGE = obj(type={"type": "string", "const": "duration"}, seconds=SECONDS)
+VERBOSE_SEGMENT = obj(
+    None,
+    id=INT,
+    seek=INT,
+    start=SECONDS,
+    end=SECONDS,
+    text=STR,
+    tokens={"type": "array", "items": INT},
+    temperature=NUM,
+    avg_logprob=NUM,
+    compression_ratio=NUM,
+    no_speech_prob=NUM,
+)
+VERBOSE = obj(
+    ["task", "language", "duration", "text"],
+    task={"type": "string", "const": "transcribe"},
+    language=STR,
+    duration=SECONDS,
+    text=STR,
+    segments={
+        "type": "array",
+        "items": ref("VerboseSegment"),
+        "description": "With the segment granularity (the default)",
+    },
+    words={
+        "type": "array",
+        "items": ref("Word"),
+        "description": "With the word granularity",
+    },
+    usage=ref("Usage"),
+)
+
+
+def event(type_: str, description: str, **fields: Schema) -> Schema:
+    schema = obj(
+        ["type", "job_id", "seq", "ts", *fields],
+        type={"type": "string", "const": type_},
+        job_id=STR,
+        seq={"type": "integer", "minimum": 1},
+        ts={"type": "string", "description": "ISO 8601 UTC"},
+        **fields,
+    )
+    schema["description"] = description
+    return schema
+
+
+EVENTS: dict[str, Schema] = {
+    "StatusEvent": event(
+        "status",
+        "The job moved to a new status or stage.",
+        status={"type": "string", "enum": STATUSES},
+        stage={"type": "string", "enum": STAGES},
+        queue_position=nullable(INT),
+    ),
+    "ProgressEvent": event(
+        "progress",
+        "Progress over the whole job (conversion, then transcription); never goes back.",
+        stage={"type": "string", "enum": STAGES},
+        progress={"type": "number", "minimum": 0, "maximum": 1},
+        chunks_done=INT,
+        chunks_total=nullable(INT),
+        audio_done_s=SECONDS,
+        audio_total_s=SECONDS,
+        eta_s=nullable(SECONDS),
+    ),
+    "SegmentEvent": event("segment", "A final segment, in file order.", segment=ref("Segment")),
+    "CompletedEvent": event(
+        "completed",
+        "Terminal: the result, as GET /jobs/{job_id}/result returns it.",
+        result=ref("TranscriptionResponse"),
+    ),
+    "FailedEvent": event("failed", "Terminal: the job failed.", error=obj(code=STR, message=STR)),
+    "CancelledEvent": event("cancelled", "Terminal: the job was cancelled.", reason=STR),
+}
+JOB_EVENT: Schema = {
+    "oneOf": [ref(name) for name in EVENTS],
+    "discriminator": {"propertyName": "type"},
+}
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": ERROR,
+    "OpenAIError": OPENAI_ERROR,
+    "Word": WORD,
+    "Segment": SEGMENT,
+    "TranscriptionResponse": TRANSCRIPTION,
+    "JobInfo": JOB_INFO,
+    "JobAccepted": obj(job_id=STR, status={"type": "string", "const": "pending"}, message=STR),
+    "CancelResponse": obj(message=STR, status={"type": "string", "enum": STATUSES}),
+    "Health": obj(
+        ["status", "model_loaded", "model_name"],
+        status={"type": "string", "enum": ["healthy", "model_not_loaded"]},
+        model_loaded=BOOL,
+        model_name=STR,
+        models={
+            "type": "array",
+            "items": obj(
+                name=STR,
+                state={"type": "string", "enum": ["loading", "ready", "failed", "stopped"]},
+                error=nullable(STR),
+                device=nullable(STR),
+                queued_slices=INT,
+            ),
+        },
+    ),
+    "Ready": obj(
+        ready=BOOL,
+        draining=BOOL,
+        models={"type": "object", "additionalProperties": STR},
+    ),
+    "Usage": USAGE,
+    "OpenAITranscription": obj(["text"], text=STR, usage=ref("Usage")),
+    "VerboseSegment": VERBOSE_SEGMENT,
+    "VerboseTranscription": VERBOSE,
+    "ModelList": obj(
+        object={"type": "string", "const": "list"},
+        data={
+            "type": "array",
+            "items": obj(
+                id=STR,
+                object={"type": "string", "const": "model"},
+                created=INT,
+                owned_by=STR,
+            ),
+        },
+    ),
+    "TranscriptStreamEvent": {
+        "description": "One server-sent event's `data` (stream=true).",
+        "oneOf": [
+            obj(
+                type={"type": "string", "const": "transcript.text.delta"},
+                delta={"type": "string", "description": "Text to append (one segment)"},
+            ),
+            obj(
+                type={"type": "string", "const": "transcript.text.done"},
+                text={"type": "string", "description": "The whole transcript"},
+            ),
+            {
+                "type": "object",
+                "required": ["type", "error"],
+                "properties": {
+                    "type": {"type": "string", "const": "error"},
+                    "error": OPENAI_ERROR["properties"]["error"],
+                },
+            },
+        ],
+    },
+    **EVENTS,
+    "JobEvent": JOB_EVENT,
+}
+
+# -- request bodies -------------------------------------------------------------------------
+
+SEED_FORM: Schema = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {
+            "type": "string",
+            "format": "binary",
+            "contentMediaType": "application/octet-stream",
+        },
+        "model": {
+            "type": "string",
+            "description": "A served model's name (GET /health lists them); default: the "
+            "first. With one model served, `parakeet` and `canary` also name it.",
+        },
+        "language": {"type": "string", "description": "Recorded in the result, e.g. `en`"},
+        "include_timestamps": {
+            "type": "boolean",
+            "default": True,
+            "description": "Word timestamps in each segment",
+        },
+    },
+}
+OPENAI_FORM: Schema = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {
+            "type": "string",
+            "format": "binary",
+            "contentMediaType": "application/octet-stream",
+        },
+        "model": {
+            "type": "string",
+            "description": "A served model's name (GET /v1/models), or `whisper-1` for the "
+            "default model. Default: the default model.",
+        },
+        "language": {"type": "string", "description": "ISO-639-1 code, e.g. `en`"},
+        "prompt": {"type": "string", "description": "Accepted for compatibility; unused"},
+        "response_format": {"type": "string", "enum": list(FORMATS), "default": "json"},
+        "temperature": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "Accepted for compatibility; decoding is greedy",
+        },
+        "timestamp_granularities[]": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["word", "segment"]},
+            "description": "Only with `verbose_json` (else 400). Default: segment.",
+        },
+        "stream": {
+            "type": "boolean",
+            "default": False,
+            "description": "Answer as server-sent events (`response_format` is then unused)",
+        },
+    },
+}
+
+
+# How OpenAPI 3.2 describes a server-sent event, which tools read in 3.1 documents too.
+SSE_EVENT: Schema = {
+    "type": "object",
+    "description": "One server-sent event: a delta per segment, then the whole text",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": ref("TranscriptStreamEvent"),
+        },
+        "event": STR,
+    },
+}
+
+
+def form(schema: Schema) -> Schema:
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": schema,
+                "encoding": {"file": {"contentType": AUDIO_TYPES}},
+            }
+        },
+    }
+
+
+# -- responses -----------------------------------------------------------------------------
+
+RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
+}
+ERROR_TEXT = {
+    400: "Bad request (a form field, or a multipart body that is not one)",
+    404: "No such job (unknown, or expired)",
+    409: "The job is not in a state that allows this",
+    413: "The upload, or its audio, is longer than this server accepts",
+    415: "The file is not audio this server accepts",
+    422: "The audio could not be decoded",
+    500: "The transcription failed",
+    503: "No model can take work now (loading, queue full, shutting down)",
+}
+
+
+def errors(*statuses: int, schema: str = "Error") -> dict[str, Schema]:
+    out: dict[str, Schema] = {}
+    for status in statuses:
+        answer: Schema = {
+            "description": ERROR_TEXT[status],
+            "content": {"application/json": {"schema": ref(schema)}},
+        }
+        if status == 503:
+            answer["headers"] = RETRY_AFTER
+        out[str(status)] = answer
+    return out
+
+
+def json_ok(schema: Schema, description: str = "OK") -> dict[str, Schema]:
+    content = {"application/json": {"schema": schema}}
+    return {"200": {"description": description, "content": content}}
+
+
+def text_ok(media: str, description: str) -> dict[str, Schema]:
+    return {"200": {"description": description, "content": {media: {"schema": STR}}}}
+
+
+UPLOAD_ERRORS = (400, 413, 415, 422, 500, 503)
+JOB_PARAM = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": JOB_ID},
+}
+RENDERED = {
+    "application/x-subrip": {"schema": STR},
+    "text/vtt": {"schema": STR},
+    "text/plain": {"schema": STR},
+}
+
+
+def websocket_description() -> str:
+    lines = [
+        "A WebSocket (upgrade this GET) of the job's events, one JSON object per text frame.",
+        "",
+        "The subscriber first receives the job's history (or what follows `?after=SEQ`), then",
+        "live events; after a terminal event (`completed`, `failed`, `cancelled`) the server",
+        "closes with 1000, on shutdown with 1001, and a consumer too slow to keep up with",
+        "1008. Every event has `type`, `job_id`, `seq` (1, 2, 3, ... per job) and `ts`.",
+        "",
+        "| type | extra fields |",
+        "|---|---|",
+    ]
+    for schema in EVENTS.values():
+        type_ = schema["properties"]["type"]["const"]
+        extra = [f"`{k}`" for k in schema["properties"] if k not in ("type", "job_id", "seq", "ts")]
+        lines.append(f"| `{type_}` | {', '.join(extra)}: {schema['description']} |")
+    lines += ["", "JSON schemas of the events (also under `components/schemas`):", ""]
+    for name, schema in EVENTS.items():
+        lines += [f"**{name}**", "", "```json", json.dumps(schema, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def paths() -> dict[str, Schema]:
+    return {
+        "/transcribe": {
+            "post": {
+                "tags": ["transcription"],
+                "summary": "Transcribe an upload and wait for the result",
+                "description": "For short files: the answer comes when the job is done. Long "
+                "files should use `/transcribe/async`.",
+                "operationId": "transcribe",
+                "requestBody": form(SEED_FORM),
+                "responses": {
+                    **json_ok(ref("TranscriptionResponse")),
+                    **errors(409, *UPLOAD_ERRORS),
+                },
+            }
+        },
+        "/transcribe/async": {
+            "post": {
+                "tags": ["transcription"],
+                "summary": "Start a transcription job",
+                "description": "Follow it with `GET /jobs/{job_id}/events` (WebSocket) or poll "
+                "`GET /jobs/{job_id}/status`.",
+                "operationId": "transcribeAsync",
+                "requestBody": form(SEED_FORM),
+                "responses": {**json_ok(ref("JobAccepted")), **errors(*UPLOAD_ERRORS)},
+            }
+        },
+        "/jobs/{job_id}/status": {
+            "get": {
+                "tags": ["jobs"],
+                "summary": "A job's status (and result once completed)",
+                "operationId": "jobStatus",
+                "parameters": [JOB_PARAM],
+                "responses": {**json_ok(ref("JobInfo")), **errors(404)},
+            }
+        },
+        "/jobs/{job_id}/result": {
+            "get": {
+                "tags": ["jobs"],
+                "summary": "A completed job's result, in one of five formats",
+                "operationId": "jobResult",
+                "parameters": [
+                    JOB_PARAM,
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(FORMATS), "default": "json"},
+                        "description": "`verbose_json` is OpenAI's verbose shape",
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The result",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "anyOf": [
+                                        ref("TranscriptionResponse"),
+                                        ref("VerboseTranscription"),
+                                    ]
+                                }
+                            },
+                            **RENDERED,
+                        },
+                    },
+                    **errors(400, 404, 409, 413, 415, 422, 500, 503),
+                },
+            }
+        },
+        "/jobs/{job_id}/cancel": {
+            "post": {
+                "tags": ["jobs"],
+                "summary": "Cancel a job",
+                "operationId": "cancelJob",
+                "parameters": [JOB_PARAM],
+                "responses": {**json_ok(ref("CancelResponse")), **errors(404)},
+            }
+        },
+        "/jobs/{job_id}": {
+            "delete": {
+                "tags": ["jobs"],
+                "summary": "Cancel a job (same as POST /jobs/{job_id}/cancel)",
+                "operationId": "deleteJob",
+                "parameters": [JOB_PARAM],
+                "responses": {**json_ok(ref("CancelResponse")), **errors(404)},
+            }
+        },
+        "/jobs/{job_id}/events": {
+            "get": {
+                "tags": ["jobs"],
+                "summary": "Live job events (WebSocket)",
+                "description": websocket_description(),
+                "operationId": "jobEvents",
+                "parameters": [
+                    JOB_PARAM,
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "default": 0},
+                        "description": "Resume: only events with a greater `seq`",
+                    },
+                ],
+                "responses": {
+                    "101": {
+                        "description": "Switching to the WebSocket protocol; frames are "
+                        "`JobEvent`s",
+                        "content": {"application/json": {"schema": ref("JobEvent")}},
+                    },
+                    **errors(400, 404),
+                },
+            }
+        },
+        "/v1/audio/transcriptions": {
+            "post": {
+                "tags": ["openai"],
+                "summary": "OpenAI-compatible transcription",
+                "description": "Compatible with OpenAI's `audio.transcriptions.create`. Errors "
+                "use OpenAI's shape. With `stream=true` the answer is server-sent events whose "
+                "`data` is a `TranscriptStreamEvent`: a `transcript.text.delta` per segment, "
+                "then `transcript.text.done`. A client that disconnects cancels its job.",
+                "operationId": "createTranscription",
+                "requestBody": form(OPENAI_FORM),
+                "responses": {
+                    "200": {
+                        "description": "The transcript in the asked format",
+                        "headers": {
+                            "X-Job-ID": {
+                                "description": "The job (also at /jobs/{job_id}/...)",
+                                "schema": STR,
+                            }
+                        },
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "anyOf": [
+                                        ref("OpenAITranscription"),
+                                        ref("VerboseTranscription"),
+                                    ]
+                                }
+                            },
+                            **RENDERED,
+                            "text/event-stream": {"schema": SSE_EVENT},
+                        },
+                    },
+                    **errors(409, *UPLOAD_ERRORS, schema="OpenAIError"),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "tags": ["openai"],
+                "summary": "The served models, in OpenAI's list shape",
+                "operationId": "listModels",
+                "responses": json_ok(ref("ModelList")),
+            }
+        },
+        "/health": {
+            "get": {
+                "tags": ["operations"],
+                "summary": "Liveness and model state (answers at once, even while loading)",
+                "operationId": "health",
+                "responses": json_ok(ref("Health")),
+            }
+        },
+        "/ready": {
+            "get": {
+                "tags": ["operations"],
+                "summary": "Readiness: 200 only when every model is loaded and not draining",
+                "operationId": "ready",
+                "responses": {
+                    **json_ok(ref("Ready"), "Ready"),
+                    "503": {
+                        "description": "Not ready",
+                        "content": {"application/json": {"schema": ref("Ready")}},
+                    },
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "tags": ["operations"],
+                "summary": "Prometheus metrics (text exposition format)",
+                "operationId": "metrics",
+                "responses": text_ok("text/plain", "Metrics"),
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "tags": ["docs"],
+                "summary": "This document",
+                "operationId": "openapi",
+                "responses": json_ok({"type": "object"}),
+            }
+        },
+        "/docs": {
+            "get": {
+                "tags": ["docs"],
+                "summary": "This document, rendered (Swagger UI, served from here)",
+                "operationId": "docs",
+                "responses": text_ok("text/html", "An HTML page"),
+            }
+        },
+        "/": {
+            "get": {
+                "tags": ["ui"],
+                "summary": "The web UI",
+                "operationId": "home",
+                "responses": {
+                    **text_ok("text/html", "The web UI's page"),
+                    "404": {
+                        "description": "The web UI is not installed",
+                        "content": {"application/json": {"schema": ref("Error")}},
+                    },
+                },
+            }
+        },
+        "/static/{path}": {
+            "get": {
+                "tags": ["ui"],
+                "summary": "The web UI's files",
+                "operationId": "static",
+                "parameters": [
+                    {"name": "path", "in": "path", "required": True, "schema": STR},
+                ],
+                "responses": {
+                    "200": {"description": "The file", "content": {"*/*": {"schema": STR}}},
+                    "403": {
+                        "description": "Not a file that is served",
+                        "content": {"application/json": {"schema": ref("Error")}},
+                    },
+                    "404": {
+                        "description": "No such file (an empty body, or an `Error`)",
+                        "content": {"*/*": {"schema": {}}},
+                    },
+                },
+            }
+        },
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "aiotranscribe",
+            "version": __version__,
+            "description": "Speech-to-text for NVIDIA NeMo ASR models: the seed clients' "
+            "routes, jobs with live WebSocket events, and OpenAI's audio API. Errors are "
+            '`{"detail", "code"}`, under `/v1/` OpenAI\'s `{"error": {...}}`.',
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "tags": [
+            {"name": "transcription", "description": "The seed clients' upload routes"},
+            {"name": "jobs", "description": "Job status, results, cancel and live events"},
+            {"name": "openai", "description": "OpenAI-compatible audio API"},
+            {"name": "operations", "description": "Health, readiness and metrics"},
+            {"name": "docs", "description": "This document"},
+            {"name": "ui", "description": "The web UI"},
+        ],
+        "paths": paths(),
+        "components": {"schemas": SCHEMAS},
+    }

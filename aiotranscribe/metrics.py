@@ -1,0 +1,233 @@
+"""Prometheus metrics: one registry per app, served at ``GET /metrics``.
+
+Request and job numbers are recorded as they happen (a middleware, the service's
+``on_finish`` hook, each pool's ``on_batch`` callback). Everything the pools, the job store
+and the WebSocket set already count is read when Prometheus scrapes, never copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from aiotranscribe.jobs import COMPLETED, PENDING, PROCESSING, Job, JobStore
+from aiotranscribe.pool import InferencePool
+from aiotranscribe.service import TranscriptionService
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PREFIX = "aiotranscribe"
+# Client closed the connection before an answer (nginx's convention).
+CLIENT_CLOSED = 499
+STAGES = {
+    "convert_s": "convert",
+    "queue_s": "queue",
+    "inference_s": "inference",
+    "total_s": "total",
+}
+SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+BYTES_BUCKETS = tuple(float(2**p) for p in range(14, 32, 2))  # 16 KiB .. 1 GiB
+RTF_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def route_label(request: web.Request) -> str:
+    """The route's pattern (``/jobs/{job_id}/status``), never the raw path: bounded labels."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests answered, by route pattern, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Time to answer an HTTP request (WebSockets and streams: their whole life)",
+            ["route"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.upload_bytes = Histogram(
+            f"{PREFIX}_upload_bytes",
+            "Size of each accepted upload",
+            ["model"],
+            buckets=BYTES_BUCKETS,
+            registry=r,
+        )
+        self.audio_seconds = Counter(
+            f"{PREFIX}_audio_seconds",
+            "Seconds of audio in completed jobs",
+            ["model"],
+            registry=r,
+        )
+        self.jobs = Counter(
+            f"{PREFIX}_jobs", "Jobs ended, by final status", ["model", "status"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            f"{PREFIX}_job_stage_seconds",
+            "Time completed jobs spent per stage: convert, queue (until the first slice is "
+            "back), inference (queueing included), total",
+            ["model", "stage"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.real_time_factor = Histogram(
+            f"{PREFIX}_job_real_time_factor",
+            "Wall time over audio time of completed jobs (below 1: faster than real time)",
+            ["model"],
+            buckets=RTF_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Slices per inference call",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            f"{PREFIX}_batch_duration_seconds",
+            "Time of one inference call",
+            ["model"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def batch_observer(self, model: str) -> Callable[[int, float, float], None]:
+        """An ``InferencePool(on_batch=...)`` callback for ``model``."""
+        size = self.batch_size.labels(model)
+        seconds = self.batch_seconds.labels(model)
+
+        def observe(count: int, busy_s: float, _audio_s: float) -> None:
+            size.observe(count)
+            seconds.observe(busy_s)
+
+        return observe
+
+    def watch(
+        self,
+        pools: dict[str, InferencePool],
+        store: JobStore,
+        websockets: weakref.WeakSet[web.WebSocketResponse],
+        service: TranscriptionService,
+    ) -> None:
+        """Read the pools, store and sockets at scrape time; hear about every job's end."""
+        self.registry.register(StateCollector(pools, store, websockets))
+        service.on_finish.append(self.observe_job)
+
+    def observe_job(self, job: Job, timings: dict[str, float]) -> None:
+        self.jobs.labels(job.model, job.status).inc()
+        if job.status != COMPLETED:
+            return
+        self.upload_bytes.labels(job.model).observe(job.upload_bytes)
+        audio_s = timings.get("audio_s", 0.0)
+        self.audio_seconds.labels(job.model).inc(audio_s)
+        for key, stage in STAGES.items():
+            if key in timings:
+                self.stage_seconds.labels(job.model, stage).observe(timings[key])
+        if audio_s > 0:
+            self.real_time_factor.labels(job.model).observe(timings["total_s"] / audio_s)
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    @property
+    def middleware(self) -> Middleware:
+        """Counts every answer; goes first, so it sees the status the client gets."""
+
+        @web.middleware
+        async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            started = time.perf_counter()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:  # redirects and the like, re-raised by errors
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = CLIENT_CLOSED
+                raise
+            finally:
+                route = route_label(request)
+                self.requests.labels(route, request.method, str(status)).inc()
+                self.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+        return metrics_middleware
+
+    async def handle(self, _request: web.Request) -> web.StreamResponse:
+        """``GET /metrics``: the text exposition format."""
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class StateCollector(Collector):
+    """Numbers that already exist elsewhere, read when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        pools: dict[str, InferencePool],
+        store: JobStore,
+        websockets: weakref.WeakSet[web.WebSocketResponse],
+    ) -> None:
+        self.pools, self.store, self.websockets = pools, store, websockets
+
+    def collect(self) -> Iterator[Metric]:
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
+
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+        ready = gauge("model_ready", "1 when the model is loaded and serving", ["model"])
+        depth = gauge("queue_depth", "Slices waiting for the model", ["model"])
+        waited = counter("queue_wait_seconds", "Time slices waited in the queue, summed")
+        slices = counter("slices", "Slices transcribed")
+        batches = counter("batches", "Inference calls")
+        busy = counter("inference_busy_seconds", "Time the worker spent in inference calls")
+        audio = counter("inference_audio_seconds", "Audio seconds run through the model")
+        restarts = counter("worker_restarts", "Worker processes restarted after a crash")
+        rejected = counter("rejected_submissions", "Submissions refused (503): queue full")
+        for name, pool in self.pools.items():
+            stats = pool.stats
+            ready.add_metric([name], 1.0 if pool.state == "ready" else 0.0)
+            depth.add_metric([name], pool.queued)
+            waited.add_metric([name], stats.queue_wait_s)
+            slices.add_metric([name], stats.slices_done)
+            batches.add_metric([name], stats.batches)
+            busy.add_metric([name], stats.busy_s)
+            audio.add_metric([name], stats.audio_s)
+            restarts.add_metric([name], stats.worker_restarts)
+            rejected.add_metric([name], stats.rejected)
+        yield from (ready, depth, waited, slices, batches, busy, audio, restarts, rejected)
+
+        active = gauge("jobs_active", "Jobs not yet ended, by status", ["status"])
+        counts = {PENDING: 0, PROCESSING: 0}
+        for job in self.store:
+            if job.status in counts:
+                counts[job.status] += 1
+        for status, count in counts.items():
+            active.add_metric([status], count)
+        yield active
+
+        sockets = gauge("websocket_connections", "Open job-event WebSockets", [])
+        sockets.add_metric([], len(self.websockets))
+        yield sockets
