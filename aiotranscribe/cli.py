@@ -57,6 +57,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         choices=["json", "console"],
     )
     opt("--log-level", d.log_level, "debug, info, warning, error")
+    opt("--static-dir", str(d.static_dir), "web UI files served at /")
     opt("--ffmpeg", d.ffmpeg, "ffmpeg binary")
     opt("--ffprobe", d.ffprobe, "ffprobe binary")
 
@@ -76,6 +77,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         batch_size=int(args.batch_size),
         max_queued_slices=int(args.max_queued_slices),
         job_ttl_s=float(args.job_ttl_s),
+        static_dir=Path(args.static_dir),
         ffmpeg=args.ffmpeg,
         ffprobe=args.ffprobe,
         log_format=args.log_format,

@@ -23,6 +23,9 @@ CHUNK_BYTES = 256 * 1024
 # a request by its Content-Length.
 FORM_OVERHEAD_BYTES = 64 * 1024
 FIELD_MAX_BYTES = 4096
+# Fields are small but not free: bound their number so a body of many tiny fields cannot
+# grow memory past what the upload cap allows for the file.
+MAX_FIELDS = 32
 FILE_FIELD = "file"
 ALLOWED_KINDS = "wav, mp3, flac, ogg/opus, m4a/mp4/aac, webm/mkv"
 
@@ -128,6 +131,7 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
     except (ValueError, AssertionError) as exc:
         raise UploadError(400, "bad_request", f"malformed multipart body: {exc}") from None
     upload = Upload()
+    fields_seen = 0
     job_dir.mkdir(parents=True, exist_ok=True)
     while (part := await _next_part(reader)) is not None:
         if not isinstance(part, BodyPartReader):
@@ -139,6 +143,9 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
         elif part.filename is not None or part.name == FILE_FIELD:
             raise UploadError(400, "bad_request", "send exactly one file, in the 'file' part")
         elif part.name:
+            fields_seen += 1
+            if fields_seen > MAX_FIELDS:
+                raise UploadError(400, "bad_request", f"more than {MAX_FIELDS} form fields")
             value = await _read_field(part)
             upload.fields[part.name] = value
             upload.multi.setdefault(part.name, []).append(value)

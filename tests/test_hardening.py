@@ -134,3 +134,10 @@ async def test_missing_file_part_and_bad_fields(client, media):
     assert resp.status == 400
     resp = await client.post("/transcribe", data=b"x", headers={"Content-Type": "text/plain"})
     assert resp.status == 400
+
+
+async def test_too_many_form_fields(client, media):
+    data = form(media["wav"], **{f"f{i}": "x" for i in range(40)})
+    resp = await client.post("/transcribe", data=data)
+    assert resp.status == 400
+    assert "form fields" in (await resp.json())["detail"]

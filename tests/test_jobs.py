@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aiohttp
@@ -151,3 +152,22 @@ async def test_shutdown_sends_final_status_and_1001(make_client, long_audio):
     assert "shutting down" in events[-1]["reason"]
     assert ws.close_code == 1001
     await ws.close()
+
+
+async def test_sync_client_disconnect_cancels_its_job(make_client, long_audio):
+    client = await make_client(chunk_seconds=5, batch_size=1)
+    store = client.app[service_key].store
+
+    async def post() -> None:
+        async with client.post("/transcribe", data=form(long_audio[0])) as resp:
+            await resp.read()
+
+    request = asyncio.create_task(post())
+    await wait_for(lambda: any(job.status == "processing" for job in store))
+    request.cancel()  # closes the connection mid-request
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    (job,) = list(store)
+    await asyncio.wait_for(job.done.wait(), 10)
+    assert job.status == "cancelled"
+    assert job.events[-1]["reason"] == "client disconnected"

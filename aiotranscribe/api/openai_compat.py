@@ -10,11 +10,10 @@ cancels its job.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from aiotranscribe.api.errors import ApiError, Handler, to_api_error
-from aiotranscribe.api.transcribe import parse_bool, receive_submission
+from aiotranscribe.api.transcribe import CLIENT_CLOSED, parse_bool, receive_submission, until_gone
 from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render, to_verbose_json
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, TERMINAL, Job
 from aiotranscribe.keys import pools_key, service_key
@@ -35,10 +34,6 @@ PREFIX = "/v1/"
 DEFAULT_ALIAS = "whisper-1"
 GRANULARITIES = ("word", "segment")
 GRANULARITY_FIELDS = ("timestamp_granularities[]", "timestamp_granularities")
-# How often a waiting handler looks whether its client is still connected: aiohttp does
-# not cancel handlers on disconnect, and a sync request may wait minutes for its job.
-DISCONNECT_POLL_S = 1.0
-CLIENT_CLOSED = 499
 STARTED = int(time.time())
 # Error codes that are about the uploaded file, for OpenAI's ``param``.
 FILE_CODES = frozenset(
@@ -212,24 +207,6 @@ async def follow(request: web.Request, job: Job) -> AsyncGenerator[dict[str, Any
                 return
     finally:
         job.unsubscribe(sub)
-
-
-def client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-async def until_gone(request: web.Request, awaitable: Awaitable[Any]) -> bool:
-    """Await ``awaitable``; False (and it cancelled) if the client disconnects first."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and client_gone(request):
-                return False
-        return True
-    finally:
-        task.cancel()
 
 
 # -- models -----------------------------------------------------------------------------------

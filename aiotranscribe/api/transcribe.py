@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -17,6 +19,10 @@ from aiotranscribe.uploads import Upload, receive_upload
 routes = web.RouteTableDef()
 
 TRUE = {"true", "1", "yes", "on"}
+# How often a handler waiting on a job checks whether its client is still there
+# (aiohttp does not cancel handlers when a client disconnects).
+DISCONNECT_POLL_S = 1.0
+CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer"
 FALSE = {"false", "0", "no", "off"}
 
 
@@ -71,6 +77,24 @@ async def receive_submission(
     return job_id, submission, upload
 
 
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def until_gone(request: web.Request, awaitable: Awaitable[Any]) -> bool:
+    """Await ``awaitable``; False (and it cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and client_gone(request):
+                return False
+        return True
+    finally:
+        task.cancel()
+
+
 def get_job(request: web.Request) -> Job:
     job = request.app[service_key].store.get(request.match_info["job_id"])
     if job is None:
@@ -89,7 +113,12 @@ async def transcribe(request: web.Request) -> web.StreamResponse:
     service = request.app[service_key]
     job_id, submission, _ = await receive_submission(request)
     job = service.start(job_id, submission)
-    await job.done.wait()
+    try:
+        if not await until_gone(request, job.done.wait()):
+            return web.Response(status=CLIENT_CLOSED)  # nobody is there to read it
+    finally:
+        if not job.terminal:  # the client left (or we were cancelled): stop the work
+            service.cancel(job, "client disconnected")
     if job.status != COMPLETED or job.result is None:
         return job_error_response(job)
     return web.json_response(job.result)
