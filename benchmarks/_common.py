@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,36 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import speech  # noqa: E402
-
-TEXTS = [
-    "hello world",
-    "one two three four five",
-    "please call tomorrow",
-    "open close",
-    "stop go left right",
-    "six seven eight nine ten",
-    "thank you",
-    "send time today",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ui_support import free_port  # noqa: E402
 
 
 def make_speech(seconds: float, workdir: Path, seed: int = 5) -> tuple[Path, list[str]]:
-    rng = random.Random(seed)
-    said = [speech.say(t, workdir / f"u{i}.wav") for i, t in enumerate(TEXTS)]
-    pause = speech.silence(workdir / "pause.wav", 0.8)
-    parts, texts, total = [], [], 0.0
-    while total < seconds:
-        i = rng.randrange(len(said))
-        parts += [said[i], pause]
-        texts.append(TEXTS[i])
-        total += speech.duration(said[i]) + 0.8
-    return speech.concat(parts, workdir / f"speech-{int(seconds)}s.wav"), texts
+    return speech.long_speech(seconds, workdir, seed)
 
 
 class Server:

@@ -115,32 +115,7 @@ async def client(make_client: ClientFactory) -> TestClient:
     return await make_client()
 
 
-LONG_TEXTS = [
-    "hello world",
-    "one two three four five",
-    "please call tomorrow",
-    "open close",
-    "stop go left right",
-    "six seven eight nine ten",
-    "thank you",
-    "send time today",
-]
-
-
 @pytest.fixture(scope="session")
 def long_audio(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """About two minutes of known utterances separated by pauses, and their texts in order."""
-    import random
-
-    base = tmp_path_factory.mktemp("long")
-    rng = random.Random(11)
-    said = [speech.say(t, base / f"u{i}.wav") for i, t in enumerate(LONG_TEXTS)]
-    pauses = {p: speech.silence(base / f"pause{p}.wav", p / 10) for p in range(6, 16)}
-    parts, texts, total = [], [], 0.0
-    while total < 120.0:
-        i = rng.randrange(len(said))
-        pause = pauses[rng.randrange(6, 16)]
-        parts += [said[i], pause]
-        texts.append(LONG_TEXTS[i])
-        total += speech.duration(said[i]) + speech.duration(pause)
-    return speech.concat(parts, base / "two-minutes.wav"), texts
+    """About two minutes of known phrases separated by pauses, and their texts in order."""
+    return speech.long_speech(120.0, tmp_path_factory.mktemp("long"))

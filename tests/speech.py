@@ -58,3 +58,33 @@ def concat(parts: list[Path], out: Path) -> Path:
 def duration(path: Path) -> float:
     with wave.open(str(path), "rb") as wav:
         return wav.getnframes() / wav.getframerate()
+
+
+# Phrases in the demo model's vocabulary, for long test audio.
+PHRASES = [
+    "hello world",
+    "one two three four five",
+    "please call tomorrow",
+    "open close",
+    "stop go left right",
+    "six seven eight nine ten",
+    "thank you",
+    "send time today",
+]
+
+
+def long_speech(seconds: float, workdir: Path, seed: int = 11) -> tuple[Path, list[str]]:
+    """At least ``seconds`` of PHRASES in random order with 0.6-1.5 s pauses, and the texts."""
+    import random
+
+    rng = random.Random(seed)
+    said = [say(t, workdir / f"phrase{i}.wav") for i, t in enumerate(PHRASES)]
+    pauses = {p: silence(workdir / f"pause{p}.wav", p / 10) for p in range(6, 16)}
+    parts, texts, total = [], [], 0.0
+    while total < seconds:
+        i = rng.randrange(len(said))
+        pause = pauses[rng.randrange(6, 16)]
+        parts += [said[i], pause]
+        texts.append(PHRASES[i])
+        total += duration(said[i]) + duration(pause)
+    return concat(parts, workdir / f"speech-{int(seconds)}s.wav"), texts
