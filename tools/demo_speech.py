@@ -24,18 +24,31 @@ Public API::
         -> list[dict]          # {"text", "voice", "speed", "pitch"}
     training_utterances(n, seed=0, voices=TRAIN_VOICES, min_words=1, max_words=8)
         -> list[dict]          # same keys
+    multi_phrase_utterances(n, seed=0, voices=TRAIN_VOICES, *, heldout=False,
+        min_phrases=2, max_phrases=4, min_words=1, max_words=4, gap=(0.15, 2.5))
+        -> list[dict]          # {"text", "phrases", "gaps", "voice", "speed", "pitch"}
+    synthesize_phrases(phrases, gaps, voice, speed, pitch, out_wav, *, gain_db=-3.0,
+                       noise_db=None, pad=(0.0, 0.0), seed=0) -> str
+    pause_joined_clip(utterances, out_wav, *, max_seconds=20.0, gap=(0.4, 2.0),
+                      gain_db=-3.0, seed=0) -> dict   # {"text", "utterances", ...}
     is_heldout_text(text) -> bool
     missing_voices(voices) -> list[str]
+
+Multi-phrase utterances teach the model that a silence between words is a word
+boundary: each phrase is spoken separately (same voice, speed and pitch) and the
+phrases are joined with silences; the transcript is all words joined by single spaces.
 """
 
 from __future__ import annotations
 
 import array
+import math
 import os
 import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import wave
 import zlib
 from collections.abc import Iterable, Sequence
@@ -48,7 +61,10 @@ __all__ = [
     "heldout_utterances",
     "is_heldout_text",
     "missing_voices",
+    "multi_phrase_utterances",
+    "pause_joined_clip",
     "synthesize",
+    "synthesize_phrases",
     "training_utterances",
 ]
 
@@ -167,6 +183,62 @@ def training_utterances(
     return _utterances(n, seed, list(voices), False, min_words, max_words)
 
 
+def multi_phrase_utterances(
+    n: int,
+    seed: int = 0,
+    voices: Sequence[str] = TRAIN_VOICES,
+    *,
+    heldout: bool = False,
+    min_phrases: int = 2,
+    max_phrases: int = 4,
+    min_words: int = 1,
+    max_words: int = 4,
+    gap: tuple[float, float] = (0.15, 2.5),
+) -> list[dict]:
+    """``n`` deterministic multi-phrase utterances, for :func:`synthesize_phrases`.
+
+    Each is ``{text, phrases, gaps, voice, speed, pitch}``: ``min_phrases``-``max_phrases``
+    phrases of ``min_words``-``max_words`` vocabulary words, to be spoken separately with
+    one voice/speed/pitch and joined by ``gaps`` seconds of silence (log-uniform in
+    ``gap``, so short pauses are as common as long ones); ``text`` is all the words
+    joined by single spaces.
+
+    ``heldout=False`` (training): neither ``text`` nor any phrase is a held-out word
+    sequence; even speeds/pitches; random voices.  ``heldout=True`` (evaluation):
+    ``text`` is a held-out sequence, so it never occurs in training; odd
+    speeds/pitches; voices cycle through ``voices`` (pass :data:`HELDOUT_VOICES`).
+    """
+    voices = list(voices)
+    rng = random.Random(f"multi-{'heldout' if heldout else 'train'}-{seed}")
+    speeds = HELDOUT_SPEEDS if heldout else TRAIN_SPEEDS
+    pitches = HELDOUT_PITCHES if heldout else TRAIN_PITCHES
+    lo, hi = math.log(gap[0]), math.log(gap[1])
+    out: list[dict] = []
+    while len(out) < n:
+        k = rng.randint(min_phrases, max_phrases)
+        phrases = [
+            " ".join(rng.choice(VOCAB) for _ in range(rng.randint(min_words, max_words)))
+            for _ in range(k)
+        ]
+        text = " ".join(phrases)
+        if heldout != is_heldout_text(text):
+            continue
+        if not heldout and any(is_heldout_text(ph) for ph in phrases):
+            continue
+        i = len(out)
+        out.append(
+            {
+                "text": text,
+                "phrases": phrases,
+                "gaps": [round(math.exp(rng.uniform(lo, hi)), 3) for _ in range(k - 1)],
+                "voice": voices[i % len(voices)] if heldout else rng.choice(voices),
+                "speed": rng.choice(speeds),
+                "pitch": rng.choice(pitches),
+            }
+        )
+    return out
+
+
 def synthesize(
     text: str,
     voice: str,
@@ -217,6 +289,117 @@ def synthesize(
     if noise_db is not None:
         _add_noise(out_wav, noise_db, seed)
     return out_wav
+
+
+def _read_samples(path: str) -> array.array:
+    with wave.open(path, "rb") as w:
+        samples = array.array("h", w.readframes(w.getnframes()))
+    if sys.byteorder == "big":
+        samples.byteswap()
+    return samples
+
+
+def _write_samples(path: str, samples: array.array) -> None:
+    if sys.byteorder == "big":
+        samples = array.array("h", samples)
+        samples.byteswap()
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(samples.tobytes())
+
+
+def _speak_samples(text: str, voice: str, speed: int, pitch: int, gain_db: float, tmp_dir: str):
+    fd, tmp = tempfile.mkstemp(suffix=".wav", dir=tmp_dir)
+    os.close(fd)
+    try:
+        synthesize(text, voice, speed, pitch, tmp, gain_db=gain_db)
+        return _read_samples(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def _silence(seconds: float) -> array.array:
+    return array.array("h", bytes(2 * round(seconds * SAMPLE_RATE)))
+
+
+def synthesize_phrases(
+    phrases: Sequence[str],
+    gaps: Sequence[float],
+    voice: str,
+    speed: int,
+    pitch: int,
+    out_wav: str | os.PathLike,
+    *,
+    gain_db: float = -3.0,
+    noise_db: float | None = None,
+    pad: tuple[float, float] = (0.0, 0.0),
+    seed: int = 0,
+) -> str:
+    """Speak each phrase separately and join them with ``gaps`` seconds of silence.
+
+    Like :func:`synthesize` (same voice/speed/pitch for every phrase, each phrase
+    peak-normalised to ``gain_db``, ``pad`` silence at the ends, optional white noise
+    over the whole clip, gaps included), with ``len(gaps) == len(phrases) - 1``.
+    The transcript is ``" ".join(phrases)``.  Returns ``str(out_wav)``.
+    """
+    if len(gaps) != len(phrases) - 1:
+        raise ValueError("need exactly one gap between consecutive phrases")
+    out_wav = str(out_wav)
+    tmp_dir = os.path.dirname(os.path.abspath(out_wav))
+    samples = _silence(pad[0])
+    for i, phrase in enumerate(phrases):
+        if i:
+            samples.extend(_silence(gaps[i - 1]))
+        samples.extend(_speak_samples(phrase, voice, speed, pitch, gain_db, tmp_dir))
+    samples.extend(_silence(pad[1]))
+    _write_samples(out_wav, samples)
+    if noise_db is not None:
+        _add_noise(out_wav, noise_db, seed)
+    return out_wav
+
+
+def pause_joined_clip(
+    utterances: Sequence[dict],
+    out_wav: str | os.PathLike,
+    *,
+    max_seconds: float = 20.0,
+    gap: tuple[float, float] = (0.4, 2.0),
+    gain_db: float = -3.0,
+    seed: int = 0,
+) -> dict:
+    """Join utterances (``{text, voice, speed, pitch}`` dicts, each spoken separately)
+    with pauses drawn uniformly from ``gap`` (``random.Random(seed)``), keeping the
+    longest prefix that fits in ``max_seconds`` (at least one utterance) -- the kind
+    of piece the server sends the model.  Writes ``out_wav`` and returns ``{text,
+    utterances (how many were used), duration, gaps}``.
+    """
+    out_wav = str(out_wav)
+    tmp_dir = os.path.dirname(os.path.abspath(out_wav))
+    rng = random.Random(seed)
+    limit = round(max_seconds * SAMPLE_RATE)
+    samples = array.array("h")
+    texts: list[str] = []
+    gaps: list[float] = []
+    for u in utterances:
+        speech = _speak_samples(u["text"], u["voice"], u["speed"], u["pitch"], gain_db, tmp_dir)
+        pause = round(rng.uniform(*gap), 3) if texts else 0.0
+        pause_samples = _silence(pause)
+        if texts and len(samples) + len(pause_samples) + len(speech) > limit:
+            break
+        if texts:
+            gaps.append(pause)
+        samples.extend(pause_samples)
+        samples.extend(speech)
+        texts.append(u["text"])
+    _write_samples(out_wav, samples)
+    return {
+        "text": " ".join(texts),
+        "utterances": len(texts),
+        "duration": round(len(samples) / SAMPLE_RATE, 4),
+        "gaps": gaps,
+    }
 
 
 def _add_noise(path: str, noise_db: float, seed: int) -> None:

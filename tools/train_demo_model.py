@@ -1,19 +1,25 @@
 #!/usr/bin/env python
 """Train the 41-word demo NeMo ASR model from scratch, offline, on the CPU.
 
-Steps: synthesise utterances of 1-8 vocabulary words with espeak-ng (see
-``tools/demo_speech.py``), write NeMo manifests, train a small QuartzNet-style
-character-CTC ``EncDecCTCModel``, evaluate WER on
+Steps: synthesise utterances with espeak-ng (see ``tools/demo_speech.py``) -- a
+``--multi-share`` of them (default 45%) made of 2-4 separately spoken phrases of 1-4
+words joined by 0.15-2.5 s silences, the rest 1-8 words spoken continuously -- write
+NeMo manifests, train a small QuartzNet-style character-CTC ``EncDecCTCModel``,
+evaluate WER on
 
-  (a) held-out word sequences spoken by training voices (odd speeds/pitches), and
+  (a) held-out word sequences spoken by training voices (odd speeds/pitches),
   (b) held-out word sequences spoken by voices never used in training,
+  (c) held-out multi-phrase utterances (silences between phrases), unseen voices, and
+  (d) "long clips": up to 20 s of 6-8 held-out utterances (unseen voices) joined with
+      0.4-2.0 s pauses -- what the server sends the model after slicing long audio,
 
 and save the ``.nemo`` file.  Seeds are fixed; training stops after ``--epochs`` or
-``--max-minutes``, whichever comes first.
+``--max-minutes``, whichever comes first; the cosine learning-rate schedule is
+shortened on the fly so that it ends when the time budget does.
 
 Usage (from the repository root)::
 
-    .venv/bin/python tools/train_demo_model.py            # full run (~30 min, 2 cores)
+    .venv/bin/python tools/train_demo_model.py            # full run (~45 min, 2 cores)
     .venv/bin/python tools/train_demo_model.py --n-train 200 --epochs 1 \\
         --n-eval 20 --out /tmp/smoke.nemo                 # smoke test
 """
@@ -21,6 +27,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -54,17 +61,18 @@ def _synth_job(job: dict) -> dict:
     path = job["audio_filepath"]
     if not (os.path.exists(path) and os.path.getsize(path) > 44):
         tmp = path + ".tmp.wav"
-        ds.synthesize(
-            job["text"],
-            job["voice"],
-            job["speed"],
-            job["pitch"],
-            tmp,
-            gain_db=job.get("gain_db", -3.0),
-            noise_db=job.get("noise_db"),
-            pad=tuple(job.get("pad", (0.0, 0.0))),
-            seed=job.get("seed", 0),
-        )
+        common = {
+            "gain_db": job.get("gain_db", -3.0),
+            "noise_db": job.get("noise_db"),
+            "pad": tuple(job.get("pad", (0.0, 0.0))),
+            "seed": job.get("seed", 0),
+        }
+        if "phrases" in job:  # several phrases joined by silences
+            ds.synthesize_phrases(
+                job["phrases"], job["gaps"], job["voice"], job["speed"], job["pitch"], tmp, **common
+            )
+        else:
+            ds.synthesize(job["text"], job["voice"], job["speed"], job["pitch"], tmp, **common)
         os.replace(tmp, path)
     with wave.open(path, "rb") as w:
         duration = w.getnframes() / w.getframerate()
@@ -97,6 +105,60 @@ def build_set(
     hours = sum(r["duration"] for r in rows) / 3600
     print(
         f"[data] {name}: {len(rows)} utterances, {hours:.2f} h audio, {time.time() - t0:.0f} s",
+        flush=True,
+    )
+    return manifest
+
+
+def concat_manifests(name: str, manifests: list[Path], work_dir: Path) -> Path:
+    out = work_dir / f"{name}.json"
+    out.write_text("".join(m.read_text() for m in manifests))
+    return out
+
+
+def _long_job(job: dict) -> dict:
+    path = job["audio_filepath"]
+    meta_path = path + ".json"
+    if not (os.path.exists(path) and os.path.exists(meta_path)):
+        tmp = path + ".tmp.wav"
+        meta = ds.pause_joined_clip(
+            job["utts"], tmp, max_seconds=20.0, gap=(0.4, 2.0), seed=job["seed"]
+        )
+        os.replace(tmp, path)
+        Path(meta_path).write_text(json.dumps(meta))
+    meta = json.loads(Path(meta_path).read_text())
+    return {
+        "audio_filepath": path,
+        "duration": meta["duration"],
+        "text": meta["text"],
+        "utterances": meta["utterances"],
+    }
+
+
+def build_long_set(name: str, n: int, work_dir: Path, procs: int) -> Path:
+    """``n`` pause-joined clips of <= 20 s: clip k joins up to 8 held-out utterances of one
+    unseen voice (one speed and pitch) with 0.4-2.0 s pauses (what the server sends)."""
+    out_dir = work_dir / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for k in range(n):
+        voice = ds.HELDOUT_VOICES[k % len(ds.HELDOUT_VOICES)]
+        utts = ds.heldout_utterances(8, seed=1000 + k, voices=[voice])
+        for u in utts[1:]:
+            u["speed"], u["pitch"] = utts[0]["speed"], utts[0]["pitch"]
+        jobs.append({"audio_filepath": str(out_dir / f"{k:06d}.wav"), "utts": utts, "seed": k})
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=procs) as pool:
+        rows = list(pool.map(_long_job, jobs, chunksize=4))
+    manifest = work_dir / f"{name}.json"
+    with open(manifest, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    n_utts = sum(r["utterances"] for r in rows)
+    print(
+        f"[data] {name}: {len(rows)} clips of {n_utts} utterances "
+        f"({min(r['utterances'] for r in rows)}-{max(r['utterances'] for r in rows)} per clip), "
+        f"{sum(r['duration'] for r in rows) / 3600:.2f} h audio, {time.time() - t0:.0f} s",
         flush=True,
     )
     return manifest
@@ -201,13 +263,30 @@ def _edit_distance(ref: list[str], hyp: list[str]) -> int:
     return prev[-1]
 
 
-def evaluate(model, manifest: Path, label: str, batch_size: int = 16) -> dict:
+def _timestamps_ok(hyp, text: str, duration: float) -> bool:
+    """One word entry per output word, in order, starts non-decreasing, inside the audio."""
+    entries = (getattr(hyp, "timestamp", None) or {}).get("word", [])
+    if [e["word"] for e in entries] != text.split():
+        return False
+    starts = [float(e["start"]) for e in entries]
+    ends = [float(e["end"]) for e in entries]
+    spans = list(zip(starts, ends, strict=True))
+    return all(a <= b for a, b in itertools.pairwise(starts)) and all(
+        0.0 <= s <= e <= duration + 0.05 for s, e in spans
+    )
+
+
+def evaluate(
+    model, manifest: Path, label: str, batch_size: int = 16, timestamps: bool = False
+) -> dict:
     rows = [json.loads(line) for line in open(manifest)]
     paths = [r["audio_filepath"] for r in rows]
     t0 = time.time()
-    hyps = model.transcribe(paths, batch_size=batch_size, verbose=False, num_workers=0)
+    hyps = model.transcribe(
+        paths, batch_size=batch_size, verbose=False, num_workers=0, timestamps=timestamps
+    )
     elapsed = time.time() - t0
-    errors = words = 0
+    errors = words = bad_ts = 0
     examples: list[dict] = []
     for row, hyp in zip(rows, hyps, strict=True):
         text = hyp.text if hasattr(hyp, "text") else str(hyp)
@@ -215,24 +294,34 @@ def evaluate(model, manifest: Path, label: str, batch_size: int = 16) -> dict:
         e = _edit_distance(ref, out)
         errors += e
         words += len(ref)
+        if timestamps and not _timestamps_ok(hyp, text, row["duration"]):
+            bad_ts += 1
         if e and len(examples) < 10:
             examples.append({"ref": row["text"], "hyp": text, "audio": row["audio_filepath"]})
     wer = errors / max(words, 1)
+    joined = sum(r.get("utterances", 1) for r in rows)
+    parts = f", {joined} joined utterances" if joined != len(rows) else ""
+    ts = f", word timestamps bad in {bad_ts} clips" if timestamps else ""
     print(
         f"[eval] {label}: WER {100 * wer:.2f}% ({errors} errors / {words} words, "
-        f"{len(rows)} utterances, {elapsed:.1f} s)",
+        f"{len(rows)} clips{parts}, {elapsed:.1f} s{ts})",
         flush=True,
     )
     for ex in examples:
         print(f"[eval]   ref={ex['ref']!r} hyp={ex['hyp']!r}", flush=True)
-    return {
+    result = {
         "wer": wer,
         "errors": errors,
         "words": words,
         "utterances": len(rows),
+        "joined_utterances": joined,
+        "audio_hours": round(sum(r["duration"] for r in rows) / 3600, 3),
         "transcribe_s": round(elapsed, 2),
         "examples": examples,
     }
+    if timestamps:
+        result["timestamps_bad"] = bad_ts
+    return result
 
 
 # --------------------------------------------------------------------------- main
@@ -242,20 +331,36 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=str(REPO_ROOT / "aiotranscribe/models/demo.nemo"))
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument(
+        "--multi-share",
+        type=float,
+        default=0.45,
+        help="share of training/validation utterances made of phrases joined by silences",
+    )
+    p.add_argument(
         "--n-val",
         type=int,
         default=100,
         help="validation utterances (held-out texts, training voices)",
     )
     p.add_argument(
-        "--n-eval", type=int, default=300, help="utterances in each of the two evaluation sets"
+        "--n-eval", type=int, default=300, help="utterances in each of the two plain eval sets"
     )
-    p.add_argument("--epochs", type=int, default=16)
-    p.add_argument("--max-minutes", type=float, default=35.0, help="training time budget")
+    p.add_argument(
+        "--n-multi-eval", type=int, default=200, help="multi-phrase eval utterances (unseen voices)"
+    )
+    p.add_argument("--n-long", type=int, default=40, help="pause-joined <=20 s eval clips")
+    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--max-minutes", type=float, default=40.0, help="training time budget")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val-every", type=int, default=4, help="validate every N epochs")
     p.add_argument("--procs", type=int, default=2, help="processes for audio synthesis")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for training")
+    p.add_argument(
+        "--eval-threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for evaluation (1 is much faster on a busy small CPU)",
+    )
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
 
@@ -267,18 +372,44 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     # Seeds 1/2/3 for the evaluation sets; heldout texts never overlap training texts.
-    train_m = build_set(
+    n_multi = round(args.n_train * args.multi_share)
+    n_plain = args.n_train - n_multi
+    # The plain part is a prefix of the all-plain list (same files as an all-plain run).
+    plain_m = build_set(
         f"train{args.n_train}",
-        ds.training_utterances(args.n_train, seed=args.seed),
+        ds.training_utterances(args.n_train, seed=args.seed)[:n_plain],
         work,
         args.procs,
         augment_seed=args.seed,
     )
-    val_m = build_set(
-        f"val{args.n_val}",
-        ds.heldout_utterances(args.n_val, seed=3, voices=ds.TRAIN_VOICES),
+    multi_m = build_set(
+        f"train_multi{n_multi}",
+        ds.multi_phrase_utterances(n_multi, seed=args.seed),
         work,
         args.procs,
+        augment_seed=args.seed + 1,
+    )
+    train_m = concat_manifests(f"train{args.n_train}_mix{n_multi}", [plain_m, multi_m], work)
+    n_val_multi = round(args.n_val * args.multi_share)
+    val_m = concat_manifests(
+        f"val{args.n_val}_mix{n_val_multi}",
+        [
+            build_set(
+                f"val{args.n_val - n_val_multi}",
+                ds.heldout_utterances(args.n_val - n_val_multi, seed=3, voices=ds.TRAIN_VOICES),
+                work,
+                args.procs,
+            ),
+            build_set(
+                f"val_multi{n_val_multi}",
+                ds.multi_phrase_utterances(
+                    n_val_multi, seed=3, voices=ds.TRAIN_VOICES, heldout=True
+                ),
+                work,
+                args.procs,
+            ),
+        ],
+        work,
     )
     seen_m = build_set(
         f"heldout_seen{args.n_eval}",
@@ -289,6 +420,15 @@ def main(argv: list[str] | None = None) -> dict:
     unseen_m = build_set(
         f"heldout_unseen{args.n_eval}", ds.heldout_utterances(args.n_eval, seed=2), work, args.procs
     )
+    multi_eval_m = build_set(
+        f"heldout_multi_unseen{args.n_multi_eval}",
+        ds.multi_phrase_utterances(
+            args.n_multi_eval, seed=2, voices=ds.HELDOUT_VOICES, heldout=True
+        ),
+        work,
+        args.procs,
+    )
+    long_m = build_long_set(f"long_unseen{args.n_long}", args.n_long, work, args.procs)
     data_s = time.time() - t_start
 
     t_import = time.time()
@@ -315,11 +455,41 @@ def main(argv: list[str] | None = None) -> dict:
             val = ""
             if (trainer.current_epoch + 1) % args.val_every == 0 and "val_wer" in m:
                 val = f" val_wer {100 * float(m['val_wer']):.2f}%"
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
             print(
                 f"[train] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
-                f"loss {loss:.3f}{val} elapsed {(time.time() - self.t0) / 60:.2f} min",
+                f"loss {loss:.3f}{val} lr {lr:.2e} step {trainer.global_step} "
+                f"elapsed {(time.time() - self.t0) / 60:.2f} min",
                 flush=True,
             )
+
+    class FitScheduleToBudget(pl.Callback):
+        """Shorten the cosine LR schedule so that it ends when --max-minutes runs out.
+
+        The schedule is set up for --epochs; on a slow (shared) CPU the time budget
+        would cut training at a high learning rate.  From the measured pace (validation
+        included) project the steps that fit and end the cosine there instead.
+        """
+
+        def __init__(self, budget_s: float):
+            self.budget_s = budget_s
+            self.t0 = time.time()
+            self.planned: int | None = None
+
+        def on_train_start(self, trainer, module):
+            self.t0 = time.time()
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            step = trainer.global_step
+            if step < 50 or not trainer.lr_scheduler_configs:
+                return
+            sched = trainer.lr_scheduler_configs[0].scheduler
+            if self.planned is None:
+                self.planned = sched.max_steps
+            projected = int(step * self.budget_s / max(time.time() - self.t0, 1e-3))
+            new = max(min(self.planned, projected), sched.warmup_steps + 1, step + 1)
+            sched.max_steps = new
+            sched.decay_steps = new - (sched.constant_steps + sched.warmup_steps)
 
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -334,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=50,
-        callbacks=[EpochLog()],
+        callbacks=[EpochLog(), FitScheduleToBudget(0.97 * 60 * args.max_minutes)],
     )
     cfg = model_config(str(train_m), str(val_m), args.batch_size)
     model = EncDecCTCModel(cfg=cfg, trainer=trainer)  # trainer needed by the LR schedule
@@ -358,12 +528,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[save] {args.out} ({size / 1e6:.2f} MB)", flush=True)
 
     # Evaluate the saved artifact as a user would load it.
+    torch.set_num_threads(args.eval_threads)
     restored = EncDecCTCModel.restore_from(str(args.out), map_location="cpu")
     restored.preprocessor.featurizer.dither = 0.0
     restored.eval()
     seen = evaluate(restored, seen_m, "held-out texts, training voices")
     restored.eval()
     unseen = evaluate(restored, unseen_m, "held-out texts, unseen voices")
+    restored.eval()
+    multi = evaluate(restored, multi_eval_m, "held-out multi-phrase (silences), unseen voices")
+    restored.eval()
+    long = evaluate(
+        restored, long_m, "pause-joined <=20 s clips, unseen voices", batch_size=8, timestamps=True
+    )
 
     result = {
         "parameters": n_params,
@@ -374,6 +551,9 @@ def main(argv: list[str] | None = None) -> dict:
         "nemo_bytes": size,
         "heldout_seen_voices": seen,
         "heldout_unseen_voices": unseen,
+        "heldout_multi_phrase_unseen_voices": multi,
+        "long_pause_joined_unseen_voices": long,
+        "n_train_multi_phrase": n_multi,
         "out": str(args.out),
         "argv": sys.argv,
     }
@@ -381,7 +561,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"[result] parameters {n_params:,}; training {train_s / 60:.1f} min "
         f"({epochs_done} epochs); .nemo {size / 1e6:.2f} MB; "
-        f"WER seen voices {100 * seen['wer']:.2f}%, unseen voices {100 * unseen['wer']:.2f}%",
+        f"WER seen voices {100 * seen['wer']:.2f}%, unseen voices {100 * unseen['wer']:.2f}%, "
+        f"multi-phrase {100 * multi['wer']:.2f}%, long clips {100 * long['wer']:.2f}%",
         flush=True,
     )
     return result
