@@ -47,6 +47,7 @@ class SliceTask:
     num_frames: int
     future: asyncio.Future[dict[str, Any]]
     queued_at: float = field(default_factory=time.monotonic)
+    attempts: int = 0
 
 
 @dataclass
@@ -150,7 +151,32 @@ class InferencePool:
                     await self.worker.stop()
                 await asyncio.sleep(delay)
                 if not await self._load():
+                    self._fail_waiting(
+                        WorkerCrashed(f"the model could not be reloaded: {self.error}")
+                    )
                     return
+
+    def _retry_or_fail(self, batch: list[SliceTask], exc: WorkerCrashed) -> None:
+        """Slices of a batch whose worker died go back to the front of the queue once; a
+        slice that was in two crashed batches fails (it may be what kills the worker)."""
+        for task in reversed(batch):
+            if task.future.done():
+                continue
+            if task.attempts >= 1:
+                task.future.set_exception(exc)
+                continue
+            task.attempts += 1
+            self._waiting.setdefault(task.job_id, deque()).appendleft(task)
+            self._waiting.move_to_end(task.job_id, last=False)
+            self._queued += 1
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        for queue in self._waiting.values():
+            for task in queue:
+                if not task.future.done():
+                    task.future.set_exception(exc)
+        self._waiting.clear()
+        self._queued = 0
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -247,9 +273,7 @@ class InferencePool:
                     [(t.path, t.start_frame, t.num_frames) for t in batch]
                 )
             except WorkerCrashed as exc:
-                for t in batch:
-                    if not t.future.done():
-                        t.future.set_exception(exc)
+                self._retry_or_fail(batch, exc)
                 raise
             except WorkerError as exc:
                 log.error("batch_failed", model=self.name, error=exc.message, size=len(batch))

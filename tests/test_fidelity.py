@@ -84,7 +84,9 @@ async def test_five_minutes_chunked_keeps_words_in_their_utterance(
         for k in range(block.size):
             start, end = spans[truth[block.a + k][1]]
             word = got[block.b + k]
-            assert start - 0.05 <= word["start"] <= end, (word, start, end)
-            assert word["end"] <= end + 0.1, (word, start, end)
+            # Inside its own utterance, give or take 100 ms (five CTC frames: a word at an
+            # utterance's very onset can be stamped a frame or two early). Pauses are at
+            # least 400 ms, so a word placed in a neighbouring utterance still fails.
+            assert start - 0.1 <= word["start"] and word["end"] <= end + 0.1, (word, start, end)
             checked += 1
     assert checked >= 0.95 * total

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
 import time
 
@@ -37,8 +39,13 @@ async def test_process_executor_end_to_end(make_client, media):
     resp = await client.post("/transcribe", data=form(media["mp3"]))
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["text"] == "hello world"
-    # The server process itself never imported torch for this.
-    # (Checked in a subprocess by test_server_process_does_not_import_torch.)
+    # A worker that dies is replaced, and the slices it had are served by the new one.
+    os.kill(worker_pid, signal.SIGKILL)
+    resp = await client.post("/transcribe", data=form(media["wav"]))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["text"] == "hello world"
+    assert pool.stats.worker_restarts == 1
+    assert pool.worker.pid != worker_pid
     await client.close()
     assert child_processes() == []
 
