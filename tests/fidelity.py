@@ -176,10 +176,11 @@ async def _run_cli(args: argparse.Namespace) -> str:
     from _common import Server
 
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))
-    utterances = make_utterances(args.utterances, work)
+    # The same utterances the test uses: the first ones of the 90-utterance held-out list.
+    utterances = make_utterances(max(args.utterances, 90), work)[: args.utterances]
     refs = offline_reference(args.model, utterances)
     files = encode_all(refs, work)
-    with Server("--executor", "process", model=args.model) as server:
+    with Server("--executor", "process", "--torch-threads", "1", model=args.model) as server:
         async with aiohttp.ClientSession() as session:
             await server.wait_ready(session)
 

@@ -23,7 +23,9 @@ FORMAT_UTTERANCES = 60
 # `--codec-share 0.35` fixed this row (+0.9) but was less stable on others; see
 # aiotranscribe/models/DEMO_MODEL.md. The server's decoding is not the cause: 44.1/48 kHz,
 # 24-bit, float and the lossy codecs all match the offline reference.
-DEMO_MODEL_GAPS = {"wav 8 kHz"}
+# 8-bit samples are marginal: +0.00 on this sample, +2.21 on `heldout_utterances(60,
+# seed=2024)` (the model was trained on 16-bit audio without quantisation noise).
+DEMO_MODEL_GAPS = {"wav 8 kHz", "wav u8"}
 LONG_UTTERANCES = 90
 
 
