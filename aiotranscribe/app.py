@@ -1,8 +1,9 @@
 """``create_app(settings)``: wiring only. Every resource with a lifetime is a cleanup context.
 
-Start-up order: janitor (sweeps crash leftovers) -> model pools (load in the background) ->
-service. Teardown runs in reverse: running jobs are cancelled (each gets its ``cancelled``
-event), WebSockets get a final status and 1001, workers stop, then the janitor drains.
+Start-up order: janitor (sweeps crash leftovers) -> model pools (load in the background).
+On shutdown (``on_shutdown``, before any teardown) running jobs are cancelled, each with its
+``cancelled`` event, and WebSockets get that final status and 1001; then teardown runs in
+reverse: workers stop, then the janitor drains.
 """
 
 from __future__ import annotations
@@ -87,7 +88,6 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
 
     app.cleanup_ctx.append(janitor_ctx)
     app.cleanup_ctx.append(pools_ctx)
-    app.cleanup_ctx.append(service_ctx)
     app.on_shutdown.append(close_websockets)
     app.add_routes(health.routes)
     app.add_routes(transcribe.routes)
@@ -112,11 +112,6 @@ async def pools_ctx(app: web.Application) -> AsyncIterator[None]:
         pool.start()
     yield
     await asyncio.gather(*(pool.close() for pool in pools.values()))
-
-
-async def service_ctx(app: web.Application) -> AsyncIterator[None]:
-    yield
-    await app[service_key].close(app[settings_key].shutdown_timeout_s)
 
 
 async def close_websockets(app: web.Application) -> None:

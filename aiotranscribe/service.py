@@ -211,7 +211,8 @@ class TranscriptionService:
                 ffmpeg=settings.ffmpeg,
                 on_progress=converted,
             )
-            sub.upload_path.unlink(missing_ok=True)  # the WAV is all we need from here
+            # The WAV is all we need from here; unlink off the loop (a big file takes a while).
+            await asyncio.to_thread(sub.upload_path.unlink, missing_ok=True)
             timings["convert_s"] = time.perf_counter() - t0
             timings["audio_s"] = duration
         slices = await asyncio.to_thread(chunking.plan_slices, wav, self.chunk_seconds(pool))
