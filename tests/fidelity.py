@@ -176,8 +176,9 @@ async def _run_cli(args: argparse.Namespace) -> str:
     from _common import Server
 
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))
-    # The same utterances the test uses: the first ones of the 90-utterance held-out list.
-    utterances = make_utterances(max(args.utterances, 90), work)[: args.utterances]
+    # By default the same utterances the test uses: the first ones of the 90-utterance
+    # held-out list. Another --seed draws another sample of held-out speech.
+    utterances = make_utterances(max(args.utterances, 90), work, args.seed)[: args.utterances]
     refs = offline_reference(args.model, utterances)
     files = encode_all(refs, work)
     with Server("--executor", "process", "--torch-threads", "1", model=args.model) as server:
@@ -196,7 +197,7 @@ async def _run_cli(args: argparse.Namespace) -> str:
     words = rows[0]["words"]
     return (
         f"{len(refs)} held-out utterances ({words} words) in voices never seen in training, "
-        f"model `{Path(args.model).name}`.\n\n" + table(rows) + "\n"
+        f"model `{Path(args.model).name}`, sample seed {args.seed}.\n\n" + table(rows) + "\n"
     )
 
 
@@ -204,6 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--utterances", type=int, default=60)
     parser.add_argument("--model", default=str(ROOT / "aiotranscribe" / "models" / "demo.nemo"))
+    parser.add_argument("--seed", type=int, default=2024, help="held-out sample (test: 2024)")
     parser.add_argument("--write", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     report = asyncio.run(_run_cli(args))

@@ -180,7 +180,13 @@ def build_long_set(name: str, n: int, work_dir: Path, procs: int) -> Path:
 
 
 # -------------------------------------------------------------------------- model
-def model_config(train_manifest: str, val_manifest: str, batch_size: int):
+def model_config(
+    train_manifest: str,
+    val_manifest: str,
+    batch_size: int,
+    highfreq: float | None = None,
+    noise_prob: float = 0.0,
+):
     from omegaconf import OmegaConf
 
     jasper = [
@@ -212,6 +218,17 @@ def model_config(train_manifest: str, val_manifest: str, batch_size: int):
             "trim_silence": False,
             "use_semi_sorted_batching": True,
             "randomization_factor": 0.1,
+            # Fresh white noise every epoch (-90..-46 dBFS): small perturbations such as
+            # 8-bit quantisation (about -53 dBFS while speech plays) must not flip words.
+            **(
+                {
+                    "augmentor": {
+                        "white_noise": {"prob": noise_prob, "min_level": -90, "max_level": -46}
+                    }
+                }
+                if noise_prob
+                else {}
+            ),
         },
         "validation_ds": {
             "manifest_filepath": val_manifest,
@@ -231,6 +248,9 @@ def model_config(train_manifest: str, val_manifest: str, batch_size: int):
             "window": "hann",
             "features": 64,
             "n_fft": 512,
+            # The mel filters stop below 4 kHz: an 8 kHz upload, resampled to 16 kHz,
+            # then looks to the model like any other (None = up to 8 kHz).
+            "highfreq": highfreq,
             "frame_splicing": 1,
             "dither": 1e-5,
             "pad_to": 16,
@@ -364,8 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--n-multi-eval", type=int, default=200, help="multi-phrase eval utterances (unseen voices)"
     )
     p.add_argument("--n-long", type=int, default=40, help="pause-joined <=20 s eval clips")
-    p.add_argument("--epochs", type=int, default=14)
-    p.add_argument("--max-minutes", type=float, default=40.0, help="training time budget")
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--max-minutes", type=float, default=42.0, help="training time budget")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val-every", type=int, default=4, help="validate every N epochs")
     p.add_argument("--procs", type=int, default=2, help="processes for audio synthesis")
@@ -378,6 +398,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
+        "--noise-prob",
+        type=float,
+        default=0.0,
+        help="share of training utterances given fresh white noise each epoch (0 = off)",
+    )
+    p.add_argument(
+        "--highfreq",
+        type=float,
+        default=3800.0,
+        help="top of the mel filterbank in Hz; below 4 kHz so that 8 kHz (telephone-band) "
+        "uploads look like 16 kHz ones to the model (0 = up to 8 kHz)",
+    )
+    p.add_argument(
         "--codec-share",
         type=float,
         default=0.0,
@@ -386,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         "formats slightly less stable; the shipped model uses 0)",
     )
     args = p.parse_args(argv)
+    args.highfreq = args.highfreq or None
 
     missing = ds.missing_voices(ds.TRAIN_VOICES + ds.HELDOUT_VOICES)
     if missing:
@@ -532,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_every_n_steps=50,
         callbacks=[EpochLog(), FitScheduleToBudget(0.97 * 60 * args.max_minutes)],
     )
-    cfg = model_config(str(train_m), str(val_m), args.batch_size)
+    cfg = model_config(str(train_m), str(val_m), args.batch_size, args.highfreq, args.noise_prob)
     model = EncDecCTCModel(cfg=cfg, trainer=trainer)  # trainer needed by the LR schedule
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[setup] parameters: {n_params:,}", flush=True)
