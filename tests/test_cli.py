@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from tests import speech
 from tests.test_formats import check_cues, parse_srt
 
 
@@ -45,12 +46,14 @@ async def test_cli_prints_text_and_reports_server_errors(client, voices, tmp_pat
     assert "415" in err and "not audio" in err
 
 
-async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio):
+async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio, tmp_path):
     import signal
 
     from aiotranscribe.keys import service_key
 
-    path, _ = long_audio
+    # Ten minutes in 5 s slices, one per call: seconds of work, so the job cannot finish
+    # between "transcribing" and the signal (two minutes once did, and the CLI exited 0).
+    path = speech.concat([long_audio[0]] * 5, tmp_path / "ten-minutes.wav")
     client = await make_client(chunk_seconds=5, batch_size=1)
     url = str(client.make_url("")).rstrip("/")
     proc = await asyncio.create_subprocess_exec(
