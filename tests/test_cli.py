@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from tests import speech
 from tests.test_formats import check_cues, parse_srt
 
 
@@ -46,14 +45,12 @@ async def test_cli_prints_text_and_reports_server_errors(client, voices, tmp_pat
     assert "415" in err and "not audio" in err
 
 
-async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio, tmp_path):
+async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio):
     import signal
 
     from aiotranscribe.keys import service_key
 
-    # Ten minutes in 5 s slices, one per call: seconds of work, so the job cannot finish
-    # between "transcribing" and the signal (two minutes once did, and the CLI exited 0).
-    path = speech.concat([long_audio[0]] * 5, tmp_path / "ten-minutes.wav")
+    path, _ = long_audio
     client = await make_client(chunk_seconds=5, batch_size=1)
     url = str(client.make_url("")).rstrip("/")
     proc = await asyncio.create_subprocess_exec(
@@ -67,6 +64,9 @@ async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio, tmp_path):
         "--quiet",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # A shell starting the tests in the background (`make test &`) ignores SIGINT, and
+        # children inherit that: give the CLI the disposition a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     store = client.app[service_key].store
     async with asyncio.timeout(60):
