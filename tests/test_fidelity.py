@@ -84,12 +84,11 @@ async def test_five_minutes_chunked_keeps_words_in_their_utterance(
         for k in range(block.size):
             start, end = spans[truth[block.a + k][1]]
             word = got[block.b + k]
-            # The word's middle inside its own utterance, its edges within 150 ms of it
-            # (a word at an utterance's very onset can be stamped a few 20 ms CTC frames
-            # early: once 106 ms). Pauses are at least 400 ms, so a word placed in a
-            # neighbouring utterance still fails.
-            middle = (word["start"] + word["end"]) / 2
-            assert start <= middle <= end, (word, start, end)
+            # Inside its own utterance, give or take 150 ms: a word at an utterance's very
+            # onset can be stamped a few 20 ms CTC frames early (106 ms seen with the
+            # 3.8 kHz-band model), and CTC words are short, so even a word's middle can
+            # fall just before the onset. Pauses are at least 400 ms, so a word placed
+            # in a neighbouring utterance still fails.
             assert start - 0.15 <= word["start"] and word["end"] <= end + 0.15, (word, start, end)
             checked += 1
     assert checked >= 0.95 * total
