@@ -38,6 +38,7 @@ import time
 import wave
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import codec_augment
@@ -111,18 +112,24 @@ def build_set(
                 job["degrade"] = rng.choice(sorted(codec_augment.DEGRADATIONS))
         jobs.append(job)
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=procs) as pool:
-        rows = list(pool.map(_synth_job, jobs, chunksize=16))
     manifest = work_dir / f"{name}.json"
-    with open(manifest, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    rows = _map_to_manifest(_synth_job, jobs, procs, 16, manifest)
     hours = sum(r["duration"] for r in rows) / 3600
     print(
         f"[data] {name}: {len(rows)} utterances, {hours:.2f} h audio, {time.time() - t0:.0f} s",
         flush=True,
     )
     return manifest
+
+
+def _map_to_manifest(
+    fn, jobs: list[dict], procs: int, chunksize: int, manifest: Path
+) -> list[dict]:
+    """Run ``fn`` on every job in ``procs`` processes; write the rows as a NeMo manifest."""
+    with ProcessPoolExecutor(max_workers=procs) as pool:
+        rows = list(pool.map(fn, jobs, chunksize=chunksize))
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
 
 
 def concat_manifests(name: str, manifests: list[Path], work_dir: Path) -> Path:
@@ -163,12 +170,8 @@ def build_long_set(name: str, n: int, work_dir: Path, procs: int) -> Path:
             u["speed"], u["pitch"] = utts[0]["speed"], utts[0]["pitch"]
         jobs.append({"audio_filepath": str(out_dir / f"{k:06d}.wav"), "utts": utts, "seed": k})
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=procs) as pool:
-        rows = list(pool.map(_long_job, jobs, chunksize=4))
     manifest = work_dir / f"{name}.json"
-    with open(manifest, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    rows = _map_to_manifest(_long_job, jobs, procs, 4, manifest)
     n_utts = sum(r["utterances"] for r in rows)
     print(
         f"[data] {name}: {len(rows)} clips of {n_utts} utterances "
@@ -202,7 +205,7 @@ def model_config(
         }
         for f, r, k, s, res, sep in ENCODER_BLOCKS
     ]
-    cfg = {
+    cfg: dict[str, Any] = {
         "sample_rate": ds.SAMPLE_RATE,
         "labels": LABELS,
         "train_ds": {
@@ -218,17 +221,6 @@ def model_config(
             "trim_silence": False,
             "use_semi_sorted_batching": True,
             "randomization_factor": 0.1,
-            # Fresh white noise every epoch (-90..-46 dBFS): small perturbations such as
-            # 8-bit quantisation (about -53 dBFS while speech plays) must not flip words.
-            **(
-                {
-                    "augmentor": {
-                        "white_noise": {"prob": noise_prob, "min_level": -90, "max_level": -46}
-                    }
-                }
-                if noise_prob
-                else {}
-            ),
         },
         "validation_ds": {
             "manifest_filepath": val_manifest,
@@ -284,6 +276,12 @@ def model_config(
             "sched": {"name": "CosineAnnealing", "warmup_ratio": 0.05, "min_lr": 1e-5},
         },
     }
+    if noise_prob:
+        # Fresh white noise every epoch (-90..-46 dBFS), meant to make small perturbations
+        # such as 8-bit quantisation (about -53 dBFS while speech plays) harmless.
+        cfg["train_ds"]["augmentor"] = {
+            "white_noise": {"prob": noise_prob, "min_level": -90, "max_level": -46}
+        }
     return OmegaConf.create(cfg)
 
 
