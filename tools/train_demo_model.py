@@ -94,6 +94,7 @@ def build_set(
     procs: int,
     augment_seed: int | None = None,
     codec_share: float = 0.0,
+    codec_kinds: list[str] | None = None,
 ) -> Path:
     """Synthesise ``utts`` into work_dir/name/ and write work_dir/name.json (manifest)."""
     out_dir = work_dir / name
@@ -109,7 +110,7 @@ def build_set(
             job["seed"] = rng.randrange(2**31)
             # Uploads arrive as 8 kHz telephone audio, 8-bit WAV, Opus, MP3, AAC...
             if rng.random() < codec_share:
-                job["degrade"] = rng.choice(sorted(codec_augment.DEGRADATIONS))
+                job["degrade"] = rng.choice(sorted(codec_kinds or codec_augment.DEGRADATIONS))
         jobs.append(job)
     t0 = time.time()
     manifest = work_dir / f"{name}.json"
@@ -189,6 +190,7 @@ def model_config(
     batch_size: int,
     highfreq: float | None = None,
     noise_prob: float = 0.0,
+    log_floor: float = 2**-24,
 ):
     from omegaconf import OmegaConf
 
@@ -243,6 +245,11 @@ def model_config(
             # The mel filters stop below 4 kHz: an 8 kHz upload, resampled to 16 kHz,
             # then looks to the model like any other (None = up to 8 kHz).
             "highfreq": highfreq,
+            # Added to each mel energy before the log. Well above NeMo's 2**-24 it hides
+            # low-level noise (8-bit quantisation), but the features then change with the
+            # input level, which per-feature normalisation otherwise cancels.
+            "log_zero_guard_type": "add",
+            "log_zero_guard_value": log_floor,
             "frame_splicing": 1,
             "dither": 1e-5,
             "pad_to": 16,
@@ -409,6 +416,14 @@ def main(argv: list[str] | None = None) -> dict:
         "uploads look like 16 kHz ones to the model (0 = up to 8 kHz)",
     )
     p.add_argument(
+        "--log-floor",
+        type=float,
+        default=2**-24,
+        help="mel energy added before the log (default: NeMo's 2**-24). 3e-5 hid most "
+        "8-bit quantisation noise but made the model sensitive to input level "
+        "(one-channel stereo, Opus): see DEMO_MODEL.md",
+    )
+    p.add_argument(
         "--codec-share",
         type=float,
         default=0.0,
@@ -416,8 +431,18 @@ def main(argv: list[str] | None = None) -> dict:
         "(0.35 with --epochs 12 --max-minutes 30 fixed 8 kHz input but made other "
         "formats slightly less stable; the shipped model uses 0)",
     )
+    p.add_argument(
+        "--codec-kinds",
+        type=lambda s: s.split(","),
+        default=None,
+        help="comma-separated round trips for --codec-share to draw from "
+        f"(default: all of {','.join(sorted(codec_augment.DEGRADATIONS))})",
+    )
     args = p.parse_args(argv)
     args.highfreq = args.highfreq or None
+    unknown = set(args.codec_kinds or ()) - set(codec_augment.DEGRADATIONS)
+    if unknown:
+        p.error(f"unknown --codec-kinds: {sorted(unknown)}")
 
     missing = ds.missing_voices(ds.TRAIN_VOICES + ds.HELDOUT_VOICES)
     if missing:
@@ -430,7 +455,11 @@ def main(argv: list[str] | None = None) -> dict:
     n_multi = round(args.n_train * args.multi_share)
     n_plain = args.n_train - n_multi
     # The plain part is a prefix of the all-plain list (same files as an all-plain run).
-    codec = f"_codec{round(args.codec_share * 100)}" if args.codec_share else ""
+    codec = ""
+    if args.codec_share:
+        codec = f"_codec{round(args.codec_share * 100)}" + "".join(
+            f"_{k}" for k in sorted(args.codec_kinds or ())
+        )
     plain_m = build_set(
         f"train{args.n_train}{codec}",
         ds.training_utterances(args.n_train, seed=args.seed)[:n_plain],
@@ -438,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.procs,
         augment_seed=args.seed,
         codec_share=args.codec_share,
+        codec_kinds=args.codec_kinds,
     )
     multi_m = build_set(
         f"train_multi{n_multi}{codec}",
@@ -446,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.procs,
         augment_seed=args.seed + 1,
         codec_share=args.codec_share,
+        codec_kinds=args.codec_kinds,
     )
     train_m = concat_manifests(f"train{args.n_train}_mix{n_multi}", [plain_m, multi_m], work)
     n_val_multi = round(args.n_val * args.multi_share)
@@ -564,7 +595,9 @@ def main(argv: list[str] | None = None) -> dict:
         log_every_n_steps=50,
         callbacks=[EpochLog(), FitScheduleToBudget(0.97 * 60 * args.max_minutes)],
     )
-    cfg = model_config(str(train_m), str(val_m), args.batch_size, args.highfreq, args.noise_prob)
+    cfg = model_config(
+        str(train_m), str(val_m), args.batch_size, args.highfreq, args.noise_prob, args.log_floor
+    )
     model = EncDecCTCModel(cfg=cfg, trainer=trainer)  # trainer needed by the LR schedule
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[setup] parameters: {n_params:,}", flush=True)
