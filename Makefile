@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test setup system-deps lint typecheck demo-model bench-health clean
+.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench-health clean
 
 serve: setup
 	$(BIN)/aiotranscribe serve --model $(MODEL) --host $(HOST) --port $(PORT)
@@ -44,6 +44,11 @@ lint: setup
 
 demo-model: setup
 	$(BIN)/python tools/train_demo_model.py --out aiotranscribe/models/demo.nemo
+
+# The fidelity table: the test's 60-utterance sample, then 300 other held-out utterances.
+fidelity: setup
+	$(BIN)/python -m tests.fidelity --write docs/fidelity.md
+	$(BIN)/python -m tests.fidelity --seed 99 --utterances 300 --append docs/fidelity.md
 
 bench-health: setup
 	$(BIN)/python benchmarks/health_latency.py

@@ -6,7 +6,9 @@ format's WER and word start times are compared with the reference.
 
 Run it on its own (it starts a server subprocess with the shipped demo model):
 
-    .venv/bin/python -m tests.fidelity [--utterances 60] [--write docs/fidelity.md]
+    .venv/bin/python -m tests.fidelity [--utterances 60] [--seed 2024] [--write docs/fidelity.md]
+
+``make fidelity`` writes docs/fidelity.md: the test's sample, then 300 other utterances.
 """
 
 from __future__ import annotations
@@ -207,12 +209,18 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "aiotranscribe" / "models" / "demo.nemo"))
     parser.add_argument("--seed", type=int, default=2024, help="held-out sample (test: 2024)")
     parser.add_argument("--write", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--append", type=Path, default=None, help="also add the table to the end of this file"
+    )
     args = parser.parse_args()
     report = asyncio.run(_run_cli(args))
     print(report)
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text("# Fidelity: server versus model.transcribe\n\n" + report)
+    if args.append:
+        with args.append.open("a") as out:
+            out.write("\n" + report)
 
 
 if __name__ == "__main__":
