@@ -99,7 +99,8 @@ async def test_five_minutes_chunked_keeps_words_in_their_utterance(
             checked += 1
             ref = references[i]
             if n > 0 and ref.text.split() == ref.truth.split():
-                shifts.append(word["start"] - (start + ref.starts[n]))
+                shifts.append(abs(word["start"] - (start + ref.starts[n])))
     # Within an utterance the chunked server stamps words where the model does offline.
-    assert abs(statistics.median(shifts)) <= 0.04, statistics.median(shifts)
+    assert statistics.median(shifts) <= 0.04, statistics.median(shifts)
     assert checked >= 0.95 * total
+    print(f"median |word start - offline| within utterances: {statistics.median(shifts):.3f} s")
