@@ -6,9 +6,8 @@ Steps: synthesise utterances with espeak-ng (see ``tools/demo_speech.py``) -- a
 words joined by 0.15-2.5 s silences, the rest 1-8 words spoken continuously; a
 ``--codec-share`` of them (default 30%) sent through one of the ``--codec-kinds`` round
 trips of ``tools/codec_augment.py`` (default: 8-bit WAV only; also 8 kHz, Opus, MP3, AAC),
-as uploads are -- write
-NeMo manifests, train a small QuartzNet-style character-CTC ``EncDecCTCModel``,
-evaluate WER on
+as uploads are -- write NeMo manifests, train a small QuartzNet-style character-CTC
+``EncDecCTCModel``, evaluate WER on
 
   (a) held-out word sequences spoken by training voices (odd speeds/pitches),
   (b) held-out word sequences spoken by voices never used in training,
