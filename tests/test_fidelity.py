@@ -91,7 +91,7 @@ async def test_five_minutes_chunked_keeps_words_in_their_utterance(
             word = got[block.b + k]
             # In its own utterance: nearer to it than to either neighbour, so it may stick
             # out into a pause by less than half the pause. After a pause this model
-            # stamps an utterance's first word 110-180 ms before its audio starts (alone,
+            # stamps an utterance's first word 90-180 ms before its audio starts (alone,
             # offline, it has no audio before the word and says ~0 s).
             assert word["start"] > start - gap_before / 2, (word, spans[i - 1 : i + 1])
             assert word["end"] < end + gap_after / 2, (word, spans[i : i + 2])
