@@ -94,22 +94,31 @@ def make_utterances(n: int, workdir: Path, seed: int = 2024) -> list[tuple[Path,
     return out
 
 
-def offline_reference(model_path: str, utterances: list[tuple[Path, str]]) -> list[Reference]:
-    """``model.transcribe`` directly, the way NeMo's own docs call it."""
+def load_model(model_path: str) -> Any:
+    """The model as inference wants it: eval mode, no dither."""
     from nemo.collections.asr.models import ASRModel
 
     model = ASRModel.restore_from(model_path, map_location="cpu")
     model.eval()
     model.preprocessor.featurizer.dither = 0.0
-    audio = []
-    for path, _ in utterances:
-        with wave.open(str(path), "rb") as w:
-            raw = w.readframes(w.getnframes())
-        samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-        # NeMo pads clips under 1 s on both sides; pad on the right like the server does.
-        if len(samples) <= 16000:
-            samples = np.pad(samples, (0, 16001 - len(samples)))
-        audio.append(samples)
+    return model
+
+
+def load_samples(path: Path) -> np.ndarray:
+    """A 16 kHz mono 16-bit WAV as float32 samples, ready for ``model.transcribe``."""
+    with wave.open(str(path), "rb") as w:
+        raw = w.readframes(w.getnframes())
+    samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    # NeMo pads clips under 1 s on both sides; pad on the right like the server does.
+    if len(samples) <= 16000:
+        samples = np.pad(samples, (0, 16001 - len(samples)))
+    return samples
+
+
+def offline_reference(model_path: str, utterances: list[tuple[Path, str]]) -> list[Reference]:
+    """``model.transcribe`` directly, the way NeMo's own docs call it."""
+    model = load_model(model_path)
+    audio = [load_samples(path) for path, _ in utterances]
     hyps = model.transcribe(audio, batch_size=16, timestamps=True, verbose=False, num_workers=0)
     refs = []
     for (path, truth), hyp in zip(utterances, hyps, strict=True):
@@ -118,12 +127,17 @@ def offline_reference(model_path: str, utterances: list[tuple[Path, str]]) -> li
     return refs
 
 
+def slug(name: str) -> str:
+    """A format's name as a file-name part."""
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def encode_all(refs: list[Reference], workdir: Path) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for name, (suffix, args) in FORMATS.items():
-        slug = "".join(c if c.isalnum() else "_" for c in name)
         out[name] = [
-            speech.encode(r.wav, workdir / f"{r.wav.stem}.{slug}{suffix}", *args) for r in refs
+            speech.encode(r.wav, workdir / f"{r.wav.stem}.{slug(name)}{suffix}", *args)
+            for r in refs
         ]
     return out
 

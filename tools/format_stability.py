@@ -18,16 +18,20 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import wave
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import speech  # noqa: E402
-from tests.fidelity import FORMATS, make_utterances, wer  # noqa: E402
+from tests.fidelity import (  # noqa: E402
+    FORMATS,
+    load_model,
+    load_samples,
+    make_utterances,
+    slug,
+    wer,
+)
 
 
 def decoded_copies(src: Path, workdir: Path, formats: list[str]) -> dict[str, Path]:
@@ -35,21 +39,13 @@ def decoded_copies(src: Path, workdir: Path, formats: list[str]) -> dict[str, Pa
     out = {}
     for name in formats:
         suffix, args = FORMATS[name]
-        slug = "".join(c if c.isalnum() else "_" for c in name)
-        middle = speech.encode(src, workdir / f"{src.stem}.{slug}{suffix}", *args)
+        middle = speech.encode(src, workdir / f"{src.stem}.{slug(name)}{suffix}", *args)
         out[name] = speech.encode(
-            middle, workdir / f"{src.stem}.{slug}.dec.wav", "-ac", "1", "-ar", "16000",
+            middle, workdir / f"{src.stem}.{slug(name)}.dec.wav", "-ac", "1", "-ar", "16000",
             "-c:a", "pcm_s16le", "-bitexact",
         )  # fmt: skip
         middle.unlink()
     return out
-
-
-def load(path: Path) -> np.ndarray:
-    with wave.open(str(path), "rb") as w:
-        samples = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
-    # The server pads clips under 1 s on the right (NeMo would pad both sides).
-    return np.pad(samples, (0, 16001 - len(samples))) if len(samples) <= 16000 else samples
 
 
 def main() -> None:
@@ -63,8 +59,6 @@ def main() -> None:
     if formats[0] != "wav s16 16k":
         formats.insert(0, "wav s16 16k")  # the baseline every row is compared with
 
-    from nemo.collections.asr.models import ASRModel
-
     with tempfile.TemporaryDirectory(prefix="stability-") as tmp:
         work = Path(tmp)
         utterances = make_utterances(args.utterances, work, args.seed)
@@ -73,13 +67,11 @@ def main() -> None:
         words = sum(map(len, truth))
         print(f"{len(utterances)} held-out utterances, {words} words, seed {args.seed}")
         for model_path in args.models:
-            model = ASRModel.restore_from(model_path, map_location="cpu")
-            model.eval()
-            model.preprocessor.featurizer.dither = 0.0
+            model = load_model(model_path)
             base: list[list[str]] = []
             base_edits = 0
             for name in formats:
-                audio = [load(f[name]) for f in files]
+                audio = [load_samples(f[name]) for f in files]
                 hyps = model.transcribe(audio, batch_size=16, verbose=False, num_workers=0)
                 got = [h.text.split() for h in hyps]
                 edits = sum(wer(t, g)[0] for t, g in zip(truth, got, strict=True))
