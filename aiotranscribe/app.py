@@ -1,9 +1,15 @@
 """``create_app(settings)``: wiring only. Every resource with a lifetime is a cleanup context.
 
-Start-up order: janitor (sweeps crash leftovers) -> model pools (load in the background).
-On shutdown (``on_shutdown``, before any teardown) running jobs are cancelled, each with its
-``cancelled`` event, and WebSockets get that final status and 1001; then teardown runs in
-reverse: workers stop, then the janitor drains.
+Start-up order: job store (opened) -> janitor (sweeps crash leftovers) -> model pools (load in
+the background) -> recovery (jobs the store says had not ended are resumed).
+
+Shutdown (``shutdown_sequence``, the app's ``on_shutdown``), in this order:
+1. stop admitting: ``/ready`` answers 503, new submissions 503 + Retry-After;
+2. drain: running jobs go on for up to ``shutdown_timeout_s``;
+3. stop: jobs still running are left in the store as they are (the next start resumes
+   them), waiting requests get 503 + Retry-After, WebSockets close with 1012;
+then teardown runs in reverse: the pools let their batch in flight finish and commit and
+stop their workers, the janitor drains, the store closes last.
 """
 
 from __future__ import annotations
@@ -13,15 +19,15 @@ import contextlib
 import weakref
 from collections.abc import AsyncIterator
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
+from aiotranscribe.admission import Admission
 from aiotranscribe.api import events, health, openai_compat, openapi, transcribe
 from aiotranscribe.api.errors import error_middleware
 from aiotranscribe.api.pages import add_static_routes
 from aiotranscribe.config import Settings
 from aiotranscribe.engine.nemo_engine import model_display_name
 from aiotranscribe.janitor import Janitor
-from aiotranscribe.jobs import JobStore, MemoryJobStore
 from aiotranscribe.keys import (
     janitor_key,
     metrics_key,
@@ -34,15 +40,20 @@ from aiotranscribe.keys import (
 from aiotranscribe.metrics import Metrics
 from aiotranscribe.pool import InferencePool
 from aiotranscribe.service import TranscriptionService
+from aiotranscribe.store import JobStore, open_store
 from aiotranscribe.workers import Worker, make_worker
 
 # Uploads are streamed by our own reader with its own cap; this only bounds other bodies.
 CLIENT_MAX_SIZE = 1024 * 1024
-# How long shutdown lets WebSocket handlers send their job's final event on their own.
+# How long shutdown lets WebSocket handlers close on their own (with 1012).
 SOCKET_DRAIN_S = 2.0
+# How long the pools wait for their batch in flight to finish and commit at shutdown.
+BATCH_DRAIN_S = 30.0
 
 
-def build_pools(settings: Settings, metrics: Metrics | None = None) -> dict[str, InferencePool]:
+def build_pools(
+    settings: Settings, store: JobStore, metrics: Metrics | None = None
+) -> dict[str, InferencePool]:
     pools: dict[str, InferencePool] = {}
     for spec in settings.models:
         name = model_display_name(spec)
@@ -53,8 +64,8 @@ def build_pools(settings: Settings, metrics: Metrics | None = None) -> dict[str,
         pools[name] = InferencePool(
             name,
             factory,
+            store,
             batch_size=settings.batch_size,
-            max_queued=settings.max_queued_slices,
             on_batch=metrics.batch_observer(name) if metrics is not None else None,
         )
     return pools
@@ -65,30 +76,45 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
     # Metrics first, to count the answer the client gets; OpenAI's error shape inside.
     middlewares = [metrics.middleware, error_middleware, openai_compat.openai_error_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=CLIENT_MAX_SIZE)
+    if store is None:
+        store = open_store(
+            settings.store,
+            settings.data_dir,
+            ttl_s=settings.job_ttl_s,
+            synchronous=settings.sqlite_synchronous,
+        )
     app[settings_key] = settings
     app[metrics_key] = metrics
-    app[store_key] = store if store is not None else MemoryJobStore()
-    app[pools_key] = build_pools(settings, metrics)
+    app[store_key] = store
+    pools = build_pools(settings, store, metrics)
+    app[pools_key] = pools
     app[websockets_key] = weakref.WeakSet()
+
+    def speed_of(model: str) -> float | None:
+        return pools[model].stats.speed
+
+    admission = Admission(settings.max_queued_audio_s, settings.admission_estimate_s, speed_of)
     service_holder: list[TranscriptionService] = []
 
-    def live_ids() -> set[str]:
-        return service_holder[0].live_ids() if service_holder else set()
+    async def live_ids() -> set[str]:
+        return await service_holder[0].live_ids()
+
+    async def retention() -> None:
+        await service_holder[0].expire()
 
     app[janitor_key] = Janitor(
-        settings.spool_dir,
-        live_ids,
-        interval_s=settings.janitor_interval_s,
-        on_sweep=lambda: app[store_key].evict_expired(settings.job_ttl_s),
+        settings.spool_dir, live_ids, interval_s=settings.janitor_interval_s, on_sweep=retention
     )
-    service = TranscriptionService(settings, app[store_key], app[pools_key], app[janitor_key])
+    service = TranscriptionService(settings, store, pools, app[janitor_key], admission)
     service_holder.append(service)
     app[service_key] = service
-    metrics.watch(app[pools_key], app[store_key], app[websockets_key], service)
+    metrics.watch(pools, service, admission, app[websockets_key])
 
+    app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(janitor_ctx)
     app.cleanup_ctx.append(pools_ctx)
-    app.on_shutdown.append(close_websockets)
+    app.cleanup_ctx.append(recovery_ctx)
+    app.on_shutdown.append(shutdown_sequence)
     app.add_routes(health.routes)
     app.add_routes(transcribe.routes)
     app.add_routes(events.routes)
@@ -97,6 +123,13 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
     app.router.add_get("/metrics", metrics.handle)
     add_static_routes(app, settings.static_dir)
     return app
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[store_key]
+    await store.open()
+    yield
+    await store.close()
 
 
 async def janitor_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -111,22 +144,27 @@ async def pools_ctx(app: web.Application) -> AsyncIterator[None]:
     for pool in pools.values():
         pool.start()
     yield
-    await asyncio.gather(*(pool.close() for pool in pools.values()))
+    await asyncio.gather(*(pool.close(BATCH_DRAIN_S) for pool in pools.values()))
 
 
-async def close_websockets(app: web.Application) -> None:
-    """Cancel running jobs so watchers see their final status, then close sockets with 1001."""
+async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[service_key].recover()
+    yield
+
+
+async def shutdown_sequence(app: web.Application) -> None:
+    """Stop admitting, drain, stop what is left (durably), close the sockets."""
     service = app[service_key]
-    await service.close(app[settings_key].shutdown_timeout_s)
+    await service.drain(app[settings_key].shutdown_timeout_s)
+    await service.stop()
     registry = app[websockets_key]
-    # Every job is terminal now: each handler sends its job's last event and closes with
-    # 1001 by itself. Give them a moment, then close whatever is left.
+    # Each handler closes its socket with 1012 by itself; give them a moment.
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(SOCKET_DRAIN_S):
             while any(not ws.closed for ws in registry):
                 await asyncio.sleep(0.02)
     sockets = [ws for ws in registry if not ws.closed]
     await asyncio.gather(
-        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
+        *(ws.close(code=events.RESTARTING, message=b"server restarting") for ws in sockets),
         return_exceptions=True,
     )

@@ -7,6 +7,8 @@ Every ``serve`` flag can also be set with an env var: ``--max-upload-mb`` is
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +41,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     opt("--torch-threads", d.torch_threads, "CPU threads per model (default: torch's)", type=int)
     opt("--spool-dir", str(d.spool_dir), "directory for uploads and converted audio")
+    opt(
+        "--store",
+        d.store,
+        "where jobs live: sqlite (durable, default) or memory",
+        choices=["sqlite", "memory"],
+    )
+    opt("--data-dir", str(d.data_dir), "directory of the SQLite job database")
+    opt(
+        "--sqlite-synchronous",
+        d.sqlite_synchronous,
+        "full (survives power loss, default) or normal (survives crashes)",
+        choices=["full", "normal"],
+    )
     opt("--max-upload-mb", d.max_upload_mb, "largest upload, MiB", type=float)
     opt("--max-audio-seconds", d.max_audio_seconds, "longest audio, seconds", type=float)
     opt(
@@ -48,8 +63,25 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         type=float,
     )
     opt("--batch-size", d.batch_size, "most slices per model call", type=int)
-    opt("--max-queued-slices", d.max_queued_slices, "queue limit before 503", type=int)
+    opt(
+        "--max-queued-audio-s",
+        d.max_queued_audio_s,
+        "audio seconds admitted per model (every job not ended) before 503",
+        type=float,
+    )
+    opt(
+        "--admission-estimate-s",
+        d.admission_estimate_s,
+        "audio seconds a job counts for until its length is known",
+        type=float,
+    )
     opt("--job-ttl-s", d.job_ttl_s, "how long finished jobs are kept, seconds", type=float)
+    opt(
+        "--shutdown-timeout-s",
+        d.shutdown_timeout_s,
+        "on SIGTERM, how long running jobs may go on before the server stops",
+        type=float,
+    )
     opt(
         "--log-format",
         d.log_format,
@@ -71,12 +103,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         executor=args.executor,
         torch_threads=int(args.torch_threads) if args.torch_threads else None,
         spool_dir=Path(args.spool_dir),
+        store=args.store,
+        data_dir=Path(args.data_dir),
+        sqlite_synchronous=args.sqlite_synchronous,
         max_upload_mb=float(args.max_upload_mb),
         max_audio_seconds=float(args.max_audio_seconds),
         chunk_seconds=float(args.chunk_seconds) if args.chunk_seconds else None,
         batch_size=int(args.batch_size),
-        max_queued_slices=int(args.max_queued_slices),
+        max_queued_audio_s=float(args.max_queued_audio_s),
+        admission_estimate_s=float(args.admission_estimate_s),
         job_ttl_s=float(args.job_ttl_s),
+        shutdown_timeout_s=float(args.shutdown_timeout_s),
         static_dir=Path(args.static_dir),
         ffmpeg=args.ffmpeg,
         ffprobe=args.ffprobe,
@@ -86,21 +123,56 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> None:
-    from aiohttp import web
-
-    from aiotranscribe.app import create_app
     from aiotranscribe.logsetup import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    asyncio.run(_serve(settings))
+
+
+# How long aiohttp waits for request handlers once the jobs are stopped (they end at once).
+HANDLER_GRACE_S = 5.0
+
+
+async def _serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT; then drain while still listening (``/ready`` 503, new
+    submissions 503) for up to ``shutdown_timeout_s``, then stop. A second signal stops at
+    once. Either way, what is left resumes at the next start."""
+    import structlog
+    from aiohttp import web
+
+    from aiotranscribe.app import create_app
+    from aiotranscribe.keys import service_key
+
+    log = structlog.get_logger("aiotranscribe.cli")
     app = create_app(settings)
-    web.run_app(
+    runner = web.AppRunner(
         app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout_s,
+        handle_signals=False,
+        shutdown_timeout=HANDLER_GRACE_S,
         access_log_format='%a "%r" %s %b %Tf',
-        print=None,
     )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info("listening", host=settings.host, port=settings.port)
+        loop = asyncio.get_running_loop()
+        first, second = asyncio.Event(), asyncio.Event()
+
+        def on_signal(name: str) -> None:
+            log.info("signal", signal=name, stopping_now=first.is_set())
+            (second if first.is_set() else first).set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        await first.wait()
+        drain = asyncio.ensure_future(app[service_key].drain(settings.shutdown_timeout_s))
+        hurry = asyncio.ensure_future(second.wait())
+        await asyncio.wait({drain, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+    finally:
+        await runner.cleanup()
+    if not drain.done():
+        drain.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:

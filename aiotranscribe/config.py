@@ -14,6 +14,8 @@ from typing import Literal
 ENV_PREFIX = "AIOTRANSCRIBE_"
 
 Executor = Literal["process", "thread"]
+StoreKind = Literal["sqlite", "memory"]
+Synchronous = Literal["full", "normal"]
 LogFormat = Literal["json", "console"]
 
 
@@ -42,7 +44,20 @@ class Settings:
     imports torch). ``thread``: the model lives in this process behind a one-thread executor."""
 
     spool_dir: Path = Path("spool")
-    """Where uploads and converted audio live while a job runs; one sub-directory per job."""
+    """Where uploads and converted audio live while a job runs; one sub-directory per job,
+    each holding a marker file. The server only ever removes such directories."""
+
+    store: StoreKind = "sqlite"
+    """Where jobs and their events live: ``sqlite`` (a file in ``data_dir``; jobs survive
+    crashes and restarts) or ``memory`` (lost when the server stops)."""
+
+    data_dir: Path = Path("data")
+    """Directory of the SQLite job database (``jobs.sqlite3``). Keep it on a local disk
+    (WAL does not work on network filesystems), ideally the spool's."""
+
+    sqlite_synchronous: Synchronous = "full"
+    """``full``: a committed job survives power loss too. ``normal``: faster commits; it
+    survives a crash of the server, but the last commits may roll back after a power loss."""
 
     max_upload_mb: float = 512.0
     """Largest accepted upload, in MiB (1 MiB = 1,048,576 bytes). Bigger uploads get 413."""
@@ -65,17 +80,24 @@ class Settings:
     batch_size: int = 8
     """Most slices the pool sends to a worker in one call (slices of different jobs mix)."""
 
-    max_queued_slices: int = 2000
-    """Admission limit: submissions that would push the queue past this get 503 + Retry-After."""
+    max_queued_audio_s: float = 36000.0
+    """Admission limit per model, in seconds of audio: every admitted job counts, from its
+    first upload byte (uploading, converting, queued, transcribing) until it ends. A request
+    that would pass it gets 503 + Retry-After before its body is read."""
+
+    admission_estimate_s: float = 60.0
+    """Seconds of audio a job counts for while its length is unknown (uploading, before the
+    probe)."""
 
     job_ttl_s: float = 3600.0
-    """How long a finished job's result stays available, in seconds, before it is evicted."""
+    """How long a finished job (its record, events and result) is kept, in seconds."""
 
     janitor_interval_s: float = 300.0
     """How often the janitor sweeps the spool for directories no live job owns, in seconds."""
 
-    shutdown_timeout_s: float = 10.0
-    """How long shutdown waits for running jobs and the cleanup queue, in seconds."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM, how long running jobs may go on before the server stops, in seconds
+    (Kubernetes' default grace period). What is left resumes at the next start."""
 
     log_format: LogFormat | None = None
     """``json`` or ``console``; None picks console on a TTY, JSON lines otherwise."""

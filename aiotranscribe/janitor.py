@@ -1,17 +1,21 @@
-"""A supervised task that removes job spool directories.
+"""A supervised task that removes job spool directories, and only those.
 
 Jobs hand their directory to ``discard`` when they end; the janitor removes it off the event
-loop. It also sweeps the spool at start-up and every ``interval_s`` for directories no live
-job owns (left by a crash or a kill). If its loop raises, the supervisor logs it and starts
-it again after a back-off. On shutdown, ``close`` drains everything queued before returning.
+loop. It also sweeps the spool at start-up and every ``interval_s`` for job directories no
+live job owns (an upload cut off by a crash). It only ever removes directories the server
+made: a job-id name holding the marker file ``new_job_dir`` writes first. Anything else in
+the spool (a file, someone else's directory, another program's ``/var/spool`` entry) is left
+alone and logged once. A directory it cannot remove is logged and skipped; it never stops
+the sweep, later removals or retention. On shutdown, ``close`` drains what is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -19,31 +23,56 @@ import structlog
 log = structlog.get_logger(__name__)
 
 BACKOFF_S = (0.1, 0.5, 2.0, 10.0)
+MARKER = ".aiotranscribe-job"
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+# Removals of one directory tried before it is left for the next sweep.
+REMOVE_TRIES = 3
 
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=False)
 
 
+def new_job_dir(spool: Path, job_id: str) -> Path:
+    """Create a job's directory with the marker that makes it ours to remove later."""
+    if not JOB_ID.fullmatch(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    path = spool / job_id
+    path.mkdir(parents=True)
+    (path / MARKER).write_text(job_id)
+    return path
+
+
+def is_job_dir(path: Path) -> bool:
+    return (
+        JOB_ID.fullmatch(path.name) is not None
+        and path.is_dir()
+        and not path.is_symlink()
+        and (path / MARKER).is_file()
+    )
+
+
 class Janitor:
     def __init__(
         self,
         spool: Path,
-        live_ids: Callable[[], set[str]],
+        live_ids: Callable[[], Awaitable[set[str]]],
         *,
         interval_s: float = 300.0,
         remove: Callable[[Path], None] = remove_tree,
-        on_sweep: Callable[[], object] | None = None,
+        on_sweep: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.spool = spool
         self._live_ids = live_ids
         self.interval_s = interval_s
         self._remove = remove
         self._on_sweep = on_sweep
-        self._queue: asyncio.Queue[Path] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Path, int]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._reported: set[str] = set()
         self.restarts = 0
         self.removed = 0
+        self.failures = 0
 
     def start(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
@@ -51,30 +80,50 @@ class Janitor:
 
     def discard(self, path: Path) -> None:
         """Queue a job directory for removal (never blocks)."""
-        self._queue.put_nowait(path)
+        self._queue.put_nowait((path, 0))
 
     @property
     def pending(self) -> int:
         return self._queue.qsize()
 
-    async def _remove_one(self, path: Path) -> None:
-        if path.exists():
+    def _report_once(self, event: str, path: Path, **fields: object) -> None:
+        if str(path) not in self._reported:
+            self._reported.add(str(path))
+            log.warning(event, path=str(path), **fields)
+
+    async def _remove_one(self, path: Path) -> bool:
+        """Remove one of our job directories; False (logged) when it cannot be removed."""
+        if not await asyncio.to_thread(is_job_dir, path):
+            if await asyncio.to_thread(path.exists):
+                self._report_once("spool_entry_not_ours", path)
+            return True
+        try:
             await asyncio.to_thread(self._remove, path)
-            self.removed += 1
+        except OSError as exc:
+            self.failures += 1
+            self._report_once("spool_remove_failed", path, error=str(exc))
+            return False
+        self.removed += 1
+        return True
 
     async def sweep(self) -> None:
-        """Remove spool directories that no live job owns."""
-        live = self._live_ids()
+        """Remove our job directories that no live job owns; then run retention."""
+        # List first, then ask who is live: a job reserved in between is in the live set.
         entries = await asyncio.to_thread(lambda: list(self.spool.iterdir()))
+        live = await self._live_ids()
         for entry in entries:
-            if entry.name not in live:
-                log.info("janitor_sweep", path=str(entry))
-                if entry.is_dir():
-                    await self._remove_one(entry)
-                else:
-                    await asyncio.to_thread(entry.unlink, True)
+            if entry.name in live:
+                continue
+            if not await asyncio.to_thread(is_job_dir, entry):
+                self._report_once("spool_entry_not_ours", entry)
+                continue
+            log.info("janitor_sweep", path=str(entry))
+            await self._remove_one(entry)
         if self._on_sweep is not None:
-            self._on_sweep()
+            try:
+                await self._on_sweep()
+            except Exception:
+                log.exception("retention_failed")
 
     async def _loop(self) -> None:
         await self.sweep()
@@ -83,16 +132,18 @@ class Janitor:
         while True:
             try:
                 async with asyncio.timeout(max(next_sweep - loop.time(), 0)):
-                    path = await self._queue.get()
+                    path, tries = await self._queue.get()
             except TimeoutError:
                 await self.sweep()
                 next_sweep = loop.time() + self.interval_s
                 continue
             try:
-                await self._remove_one(path)
+                removed = await self._remove_one(path)
             except BaseException:
-                self._queue.put_nowait(path)  # not lost: retried after the restart
+                self._queue.put_nowait((path, tries))  # not lost: retried after the restart
                 raise
+            if not removed and tries + 1 < REMOVE_TRIES:
+                self._queue.put_nowait((path, tries + 1))
 
     async def _supervise(self) -> None:
         failures = 0
@@ -117,7 +168,7 @@ class Janitor:
         try:
             async with asyncio.timeout(timeout):
                 while not self._queue.empty():
-                    path = self._queue.get_nowait()
+                    path, _ = self._queue.get_nowait()
                     try:
                         await self._remove_one(path)
                     except Exception:

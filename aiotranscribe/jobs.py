@@ -1,18 +1,15 @@
-"""Jobs, their event history and subscribers, and the store that keeps them.
+"""The job record and its states: plain, serialisable data with no behaviour of its own.
 
-A job's events are its single source of truth for watchers: each has ``type``, ``job_id``,
-``seq`` (1, 2, 3, ...) and ``ts``. Subscribers each get a bounded queue; one that falls
-behind is marked overflowed and cut off rather than buffered without bound.
+Where a job lives, its event log and who is told about new events belong to the store
+(``aiotranscribe.store``); the service decides what happens to a job next.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
     "pending",
@@ -23,27 +20,9 @@ PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
 )
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
-SUBSCRIBER_QUEUE = 256
-
 
 def utcnow_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class Subscriber:
-    """One watcher's bounded queue of live events."""
-
-    def __init__(self, maxsize: int = SUBSCRIBER_QUEUE) -> None:
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
-        self.overflowed = False
-
-    def offer(self, event: dict[str, Any]) -> None:
-        if self.overflowed:
-            return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.overflowed = True
 
 
 @dataclass
@@ -51,64 +30,44 @@ class Job:
     id: str
     filename: str
     model: str
+    kind: str = ""
+    """The upload's sniffed container (``wav``, ``mp3``...): conversion needs it again after
+    a restart."""
     language: str | None = None
     include_timestamps: bool = True
     upload_bytes: int = 0
-    created_at: str = field(default_factory=utcnow_iso)
+    created_at: str = dataclasses.field(default_factory=utcnow_iso)
     status: str = PENDING
     stage: str = "queued"
     completed_at: str | None = None
+    finished_at: float | None = None
+    """Wall-clock time (Unix seconds) the job ended; retention counts from it."""
     error: str | None = None
     error_code: str | None = None
     error_status: int = 500
     result: dict[str, Any] | None = None
     progress: float = 0.0
-    events: list[dict[str, Any]] = field(default_factory=list)
-    subscribers: set[Subscriber] = field(default_factory=set)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    finished_monotonic: float | None = None
+    duration_s: float | None = None
+    """Audio length once converted."""
+    slices_emitted: int = 0
+    """Slices whose segments have been published, in file order."""
+    segments_emitted: int = 0
+    cancel_requested: bool = False
+    cancel_reason: str | None = None
+    last_seq: int = 0
+    """Seq of the job's newest event (kept by the store)."""
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
-    def publish(self, type_: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": type_, "job_id": self.id, "seq": len(self.events) + 1, "ts": utcnow_iso()}
-        event.update(fields)
-        self.events.append(event)
-        for sub in list(self.subscribers):
-            sub.offer(event)
-        return event
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-    def set_stage(self, status: str, stage: str, queue_position: int | None = None) -> None:
-        if (status, stage) == (self.status, self.stage) and self.events:
-            return
-        self.status, self.stage = status, stage
-        self.publish("status", status=status, stage=stage, queue_position=queue_position)
-
-    def report_progress(self, progress: float, **fields: Any) -> None:
-        # Progress never goes backwards, whatever order slices finish in.
-        self.progress = max(self.progress, min(progress, 1.0))
-        self.publish("progress", stage=self.stage, progress=round(self.progress, 4), **fields)
-
-    def finish(self, status: str, **fields: Any) -> None:
-        """Move to a terminal status once; later calls are ignored."""
-        if self.terminal:
-            return
-        self.status = status
-        self.stage = "finalizing" if status == COMPLETED else self.stage
-        self.completed_at = utcnow_iso()
-        self.finished_monotonic = time.monotonic()
-        self.publish(status, **fields)
-        self.done.set()
-
-    def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE) -> Subscriber:
-        sub = Subscriber(maxsize)
-        self.subscribers.add(sub)
-        return sub
-
-    def unsubscribe(self, sub: Subscriber) -> None:
-        self.subscribers.discard(sub)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def info(self) -> dict[str, Any]:
         """The seed clients' ``JobInfo``."""
@@ -124,48 +83,3 @@ class Job:
             "progress": round(self.progress, 4),
             "model": self.model,
         }
-
-
-class JobStore(Protocol):
-    """Where jobs live. The in-memory store is the default; a durable one can replace it."""
-
-    def add(self, job: Job) -> None: ...
-
-    def get(self, job_id: str) -> Job | None: ...
-
-    def __iter__(self) -> Iterator[Job]: ...
-
-    def __len__(self) -> int: ...
-
-    def evict_expired(self, ttl_s: float, now: float | None = None) -> list[str]: ...
-
-
-class MemoryJobStore:
-    def __init__(self) -> None:
-        self._jobs: dict[str, Job] = {}
-
-    def add(self, job: Job) -> None:
-        self._jobs[job.id] = job
-
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
-
-    def __iter__(self) -> Iterator[Job]:
-        return iter(list(self._jobs.values()))
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def evict_expired(self, ttl_s: float, now: float | None = None) -> list[str]:
-        """Forget jobs that ended more than ``ttl_s`` seconds ago and nobody is watching."""
-        now = time.monotonic() if now is None else now
-        gone = [
-            job.id
-            for job in self._jobs.values()
-            if job.finished_monotonic is not None
-            and now - job.finished_monotonic > ttl_s
-            and not job.subscribers
-        ]
-        for job_id in gone:
-            del self._jobs[job_id]
-        return gone

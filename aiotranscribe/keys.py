@@ -8,10 +8,10 @@ from aiohttp import web
 
 from aiotranscribe.config import Settings
 from aiotranscribe.janitor import Janitor
-from aiotranscribe.jobs import JobStore
 from aiotranscribe.metrics import Metrics
 from aiotranscribe.pool import InferencePool
 from aiotranscribe.service import TranscriptionService
+from aiotranscribe.store import JobStore
 
 settings_key = web.AppKey("settings", Settings)
 store_key = web.AppKey("store", JobStore)

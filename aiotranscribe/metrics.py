@@ -19,7 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from aiotranscribe.jobs import COMPLETED, PENDING, PROCESSING, Job, JobStore
+from aiotranscribe.admission import Admission
+from aiotranscribe.jobs import COMPLETED, PENDING, PROCESSING, Job
 from aiotranscribe.pool import InferencePool
 from aiotranscribe.service import TranscriptionService
 
@@ -125,17 +126,18 @@ class Metrics:
     def watch(
         self,
         pools: dict[str, InferencePool],
-        store: JobStore,
-        websockets: weakref.WeakSet[web.WebSocketResponse],
         service: TranscriptionService,
+        admission: Admission,
+        websockets: weakref.WeakSet[web.WebSocketResponse],
     ) -> None:
-        """Read the pools, store and sockets at scrape time; hear about every job's end."""
-        self.registry.register(StateCollector(pools, store, websockets))
+        """Read the pools, service, admission and sockets at scrape time; hear about every
+        job's end."""
+        self.registry.register(StateCollector(pools, service, admission, websockets))
         service.on_finish.append(self.observe_job)
 
     def observe_job(self, job: Job, timings: dict[str, float]) -> None:
         self.jobs.labels(job.model, job.status).inc()
-        if job.status != COMPLETED:
+        if job.status != COMPLETED or "total_s" not in timings:
             return
         self.upload_bytes.labels(job.model).observe(job.upload_bytes)
         audio_s = timings.get("audio_s", 0.0)
@@ -185,10 +187,12 @@ class StateCollector(Collector):
     def __init__(
         self,
         pools: dict[str, InferencePool],
-        store: JobStore,
+        service: TranscriptionService,
+        admission: Admission,
         websockets: weakref.WeakSet[web.WebSocketResponse],
     ) -> None:
-        self.pools, self.store, self.websockets = pools, store, websockets
+        self.pools, self.service, self.websockets = pools, service, websockets
+        self.admission = admission
 
     def collect(self) -> Iterator[Metric]:
         def counter(name: str, doc: str) -> CounterMetricFamily:
@@ -206,6 +210,13 @@ class StateCollector(Collector):
         audio = counter("inference_audio_seconds", "Audio seconds run through the model")
         restarts = counter("worker_restarts", "Worker processes restarted after a crash")
         rejected = counter("rejected_submissions", "Submissions refused (503): queue full")
+        admitted = gauge(
+            "admitted_audio_seconds",
+            "Audio seconds held by admitted jobs not yet ended (uploading to transcribing)",
+            ["model"],
+        )
+        restarts_b = counter("batcher_restarts", "Batcher loops restarted after an error")
+        split = counter("split_batches", "Failed batches retried slice by slice")
         for name, pool in self.pools.items():
             stats = pool.stats
             ready.add_metric([name], 1.0 if pool.state == "ready" else 0.0)
@@ -216,14 +227,18 @@ class StateCollector(Collector):
             busy.add_metric([name], stats.busy_s)
             audio.add_metric([name], stats.audio_s)
             restarts.add_metric([name], stats.worker_restarts)
-            rejected.add_metric([name], stats.rejected)
+            rejected.add_metric([name], self.admission.rejected.get(name, 0))
+            admitted.add_metric([name], self.admission.used(name))
+            restarts_b.add_metric([name], stats.batcher_restarts)
+            split.add_metric([name], stats.split_batches)
         yield from (ready, depth, waited, slices, batches, busy, audio, restarts, rejected)
+        yield from (admitted, restarts_b, split)
 
         active = gauge("jobs_active", "Jobs not yet ended, by status", ["status"])
         counts = {PENDING: 0, PROCESSING: 0}
-        for job in self.store:
-            if job.status in counts:
-                counts[job.status] += 1
+        for status in self.service.active.values():
+            if status in counts:
+                counts[status] += 1
         for status, count in counts.items():
             active.add_metric([status], count)
         yield active

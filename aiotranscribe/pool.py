@@ -1,53 +1,58 @@
-"""InferencePool: admission control and a dynamic batcher in front of one model worker.
+"""InferencePool: a supervised batcher in front of one model worker.
 
-Slices from every job wait in one bounded queue (one FIFO per job, served round-robin so a
-short job is not stuck behind a long one). When the worker is free, the batcher takes up to
-``batch_size`` slices, from as many jobs as are waiting, and resolves each slice's future.
+Slices of every job wait in one ``SliceQueue``. When the worker is free the batcher takes
+up to ``batch_size`` of them (from as many jobs as wait), leases them in the store, runs
+them, commits the results (a result counts only once the store accepted it under its
+lease), then resolves each slice's future.
+
+Supervision: whatever goes wrong, no future is left pending and the loop goes on.
+- The worker dies mid-batch: its slices are requeued with a new lease epoch and go back to
+  the head of the queue once (a slice in two crashed batches fails: it may be the cause);
+  the worker is restarted with back-off while admitted slices wait ("restarting").
+- A batch raises an error: it is retried slice by slice, so a poisonous slice fails only
+  its own job and no job sees another job's error text.
+- A respawn that fails (``Process.start()`` raising, a process that survives kill) is
+  retried with back-off, then the pool is marked failed and every waiting slice fails.
+- The back-off resets after a healthy period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from aiotranscribe.slicequeue import SliceQueue, SliceTask
+from aiotranscribe.store import JobStore
 from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError
 
 log = structlog.get_logger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 2.0, 10.0, 30.0)
+# Failed restarts in a row before the pool gives up and fails what waits.
+MAX_RESTARTS = 5
+# A worker that served this long resets the back-off.
+HEALTHY_S = 60.0
+# How long a lease is marked valid in the store (informational on one host: a restart
+# requeues every lease; a shared queue would reclaim after it).
+LEASE_S = 600.0
 
-
-class QueueFull(Exception):
-    """Admitting the slices would pass the queue limit; ``retry_after`` is a wait in seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("the transcription queue is full")
-        self.retry_after = retry_after
+LOADING, READY, RESTARTING, FAILED, STOPPED = "loading", "ready", "restarting", "failed", "stopped"
 
 
 class ModelUnavailable(Exception):
-    """The model is loading or failed to load; ``detail`` says which."""
+    """The model is loading, failed, or the pool is stopped; ``detail`` says which."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-
-
-@dataclass
-class SliceTask:
-    job_id: str
-    path: str
-    start_frame: int
-    num_frames: int
-    future: asyncio.Future[dict[str, Any]]
-    queued_at: float = field(default_factory=time.monotonic)
-    attempts: int = 0
 
 
 @dataclass
@@ -58,9 +63,11 @@ class PoolStats:
     """Batches that held slices of more than one job."""
     max_batch_size: int = 0
     dropped_results: int = 0
-    """Slices whose job was cancelled while their batch ran."""
+    """Results not delivered: their job ended or their lease was taken while they ran."""
     worker_restarts: int = 0
-    rejected: int = 0
+    batcher_restarts: int = 0
+    split_batches: int = 0
+    """Batches that failed and were retried slice by slice."""
     audio_s: float = 0.0
     busy_s: float = 0.0
     queue_wait_s: float = 0.0
@@ -76,220 +83,282 @@ class InferencePool:
         self,
         name: str,
         worker_factory: Callable[[], Worker],
+        store: JobStore,
         *,
         batch_size: int = 8,
-        max_queued: int = 2000,
         sample_rate: int = 16000,
         on_batch: Callable[[int, float, float], None] | None = None,
+        restart_backoff_s: Sequence[float] = RESTART_BACKOFF_S,
+        max_restarts: int = MAX_RESTARTS,
     ) -> None:
         self.name = name
         self._factory = worker_factory
+        self.store = store
         self.batch_size = batch_size
-        self.max_queued = max_queued
         self.sample_rate = sample_rate
         self._on_batch = on_batch
-        self._waiting: OrderedDict[str, deque[SliceTask]] = OrderedDict()
-        self._queued = 0
-        self._wakeup = asyncio.Event()
+        self.restart_backoff_s = tuple(restart_backoff_s)
+        self.max_restarts = max_restarts
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{name}"
+        self.queue = SliceQueue()
         self.worker: Worker | None = None
-        self.state = "loading"  # loading | ready | failed | stopped
+        self.state = LOADING
         self.error: str | None = None
         self.info: dict[str, Any] = {}
         self.stats = PoolStats()
         self._task: asyncio.Task[None] | None = None
+        self._inflight: list[SliceTask] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Load the model in the background; the server answers meanwhile."""
-        self._task = asyncio.create_task(self._run(), name=f"pool:{self.name}")
+        self._task = asyncio.create_task(self._supervise(), name=f"pool:{self.name}")
 
-    async def close(self) -> None:
-        """Stop batching, fail what is queued, and stop the worker (nothing left running)."""
-        self.state = "stopped"
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Take no new batch, let the batch in flight finish and commit (up to
+        ``drain_timeout``), fail what waits, and stop the worker (nothing left running)."""
+        self._draining = True
+        self.queue.changed.set()
+        if drain_timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        self.state = STOPPED
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
-        for job_id in list(self._waiting):
-            self.cancel(job_id)
-        if self.worker is not None:
-            await self.worker.stop()
-            self.worker = None
+        self._fail(self.queue.remove_all(), None)
+        await self._stop_worker()
 
-    async def _load(self) -> bool:
-        self.state = "loading"
-        self.worker = self._factory()
-        try:
-            self.info = await self.worker.load()
-        except WorkerError as exc:
-            self.state, self.error = "failed", exc.message
-            log.error("model_load_failed", model=self.name, error=exc.message)
-            await self.worker.stop()
-            self.worker = None
-            return False
-        self.sample_rate = int(self.info.get("sample_rate", self.sample_rate))
-        self.state, self.error = "ready", None
-        log.info("model_loaded", model=self.name, **self.info)
-        return True
+    def _backoff(self, failures: int) -> float:
+        return self.restart_backoff_s[min(failures, len(self.restart_backoff_s)) - 1]
 
-    async def _run(self) -> None:
-        if not await self._load():
-            return
-        restarts = 0
-        while True:
+    async def _supervise(self) -> None:
+        failures = 0
+        loaded_once = False
+        loop = asyncio.get_running_loop()
+        while not self._draining:
+            if self.worker is None:
+                if not await self._load():
+                    if not loaded_once:  # a model that never loads is a configuration error
+                        self._give_up(f"model {self.name!r} failed to load: {self.error}")
+                        return
+                    failures += 1
+                    if failures > self.max_restarts or not await self._stop_worker():
+                        self._give_up(f"the model worker could not be restarted: {self.error}")
+                        return
+                    self.state = RESTARTING
+                    await asyncio.sleep(self._backoff(failures))
+                    continue
+                loaded_once = True
+            healthy_since = loop.time()
             try:
                 await self._serve()
-            except WorkerCrashed:
+                return  # draining
+            except WorkerCrashed as exc:
                 self.stats.worker_restarts += 1
-                delay = RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)]
-                restarts += 1
-                log.error("worker_crashed", model=self.name, restart_in_s=delay)
-                if self.worker is not None:
-                    await self.worker.stop()
-                await asyncio.sleep(delay)
-                if not await self._load():
-                    self._fail_waiting(
-                        WorkerCrashed(f"the model could not be reloaded: {self.error}")
-                    )
+                log.error("worker_crashed", model=self.name, error=exc.message)
+                self.error = exc.message
+                self.state = RESTARTING
+                if not await self._stop_worker():
+                    self._give_up(f"the crashed model worker could not be stopped: {self.error}")
                     return
+            except Exception:
+                self.stats.batcher_restarts += 1
+                log.exception("batcher_crashed", model=self.name)
+            if loop.time() - healthy_since > HEALTHY_S:
+                failures = 0
+            failures += 1
+            delay = self._backoff(failures)
+            log.info("pool_restart", model=self.name, in_s=delay, failures=failures)
+            await asyncio.sleep(delay)
 
-    def _retry_or_fail(self, batch: list[SliceTask], exc: WorkerCrashed) -> None:
-        """Slices of a batch whose worker died go back to the front of the queue once; a
-        slice that was in two crashed batches fails (it may be what kills the worker)."""
-        for task in reversed(batch):
-            if task.future.done():
-                continue
-            if task.attempts >= 1:
-                task.future.set_exception(exc)
-                continue
-            task.attempts += 1
-            self._waiting.setdefault(task.job_id, deque()).appendleft(task)
-            self._waiting.move_to_end(task.job_id, last=False)
-            self._queued += 1
+    async def _load(self) -> bool:
+        try:
+            self.worker = self._factory()
+            self.info = await self.worker.load()
+        except WorkerError as exc:
+            self.error = exc.message
+        except Exception as exc:  # e.g. OSError from Process.start()
+            self.error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.sample_rate = int(self.info.get("sample_rate", self.sample_rate))
+            self.state, self.error = READY, None
+            log.info("model_loaded", model=self.name, **self.info)
+            return True
+        log.error("model_load_failed", model=self.name, error=self.error)
+        return False
 
-    def _fail_waiting(self, exc: Exception) -> None:
-        for queue in self._waiting.values():
-            for task in queue:
-                if not task.future.done():
+    async def _stop_worker(self) -> bool:
+        """Stop the worker; False when it could not be (e.g. a process that survives kill)."""
+        worker, self.worker = self.worker, None
+        if worker is None:
+            return True
+        try:
+            await worker.stop()
+        except Exception as exc:
+            self.error = f"stopping the worker failed: {type(exc).__name__}: {exc}"
+            log.error("worker_stop_failed", model=self.name, error=self.error)
+            return False
+        return True
+
+    def _give_up(self, message: str) -> None:
+        self.state, self.error = FAILED, message
+        log.error("pool_failed", model=self.name, error=message)
+        self._fail(self.queue.remove_all(), ModelUnavailable(message))
+
+    @staticmethod
+    def _fail(tasks: list[SliceTask], exc: Exception | None) -> None:
+        for task in tasks:
+            if not task.future.done():
+                if exc is None:
+                    task.future.cancel()
+                else:
                     task.future.set_exception(exc)
-        self._waiting.clear()
-        self._queued = 0
 
     # -- admission ---------------------------------------------------------------------------
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new jobs may queue here (a restarting worker comes back; jobs wait)."""
+        return self.state in (READY, RESTARTING)
+
     def ensure_ready(self) -> None:
-        if self.state == "ready":
+        if self.accepting:
             return
-        if self.state == "failed":
-            raise ModelUnavailable(f"model {self.name!r} failed to load: {self.error}")
-        if self.state == "stopped":
+        if self.state == FAILED:
+            raise ModelUnavailable(self.error or f"model {self.name!r} failed")
+        if self.state == STOPPED:
             raise ModelUnavailable("the server is shutting down")
         raise ModelUnavailable(f"model {self.name!r} is still loading; try again shortly")
 
-    def retry_after(self) -> int:
-        """A wait, in whole seconds, after which the queue has likely drained a batch or more."""
-        speed = self.stats.speed or 10.0
-        per_slice = 20.0 / speed
-        return max(1, min(300, int(self._queued * per_slice / max(self.batch_size, 1)) + 1))
+    def submit(
+        self, job_id: str, slices: list[tuple[int, str, int, int]]
+    ) -> list[asyncio.Future[dict[str, Any] | None]]:
+        """Queue ``(idx, path, start_frame, num_frames)`` slices of a job; one future each.
 
-    def check_capacity(self, count: int) -> None:
-        if self._queued + count > self.max_queued:
-            self.stats.rejected += 1
-            raise QueueFull(self.retry_after())
-
-    def submit(self, job_id: str, slices: list[tuple[str, int, int]]) -> list[asyncio.Future[Any]]:
-        """Queue a job's slices; returns one future per slice, in order.
-
-        Admission happened at the front door (``check_capacity``): an admitted job always
-        gets to queue all its slices, so the limit can be passed by one job's worth."""
-        self.ensure_ready()
+        Accepted while the model loads or its worker restarts: they wait in the queue."""
+        if self.state in (FAILED, STOPPED):
+            self.ensure_ready()
         loop = asyncio.get_running_loop()
-        queue = self._waiting.setdefault(job_id, deque())
-        futures = []
-        for path, start, frames in slices:
-            fut: asyncio.Future[Any] = loop.create_future()
-            queue.append(SliceTask(job_id, path, start, frames, fut))
-            futures.append(fut)
-        self._queued += len(slices)
-        self._wakeup.set()
-        return futures
+        tasks = [
+            SliceTask(job_id, idx, path, start, frames, loop.create_future())
+            for idx, path, start, frames in slices
+        ]
+        self.queue.put(tasks)
+        return [t.future for t in tasks]
 
     def cancel(self, job_id: str) -> int:
-        """Drop a job's waiting slices at once; a batch already running finishes, unseen."""
-        queue = self._waiting.pop(job_id, None)
-        if not queue:
-            return 0
-        for task in queue:
-            task.future.cancel()
-        self._queued -= len(queue)
-        return len(queue)
+        """Take every waiting slice of a job out at once; a batch already running finishes,
+        and its results for this job are refused by the store."""
+        tasks = self.queue.remove_job(job_id)
+        self._fail(tasks, None)
+        return len(tasks)
 
     @property
     def queued(self) -> int:
-        return self._queued
+        return len(self.queue)
 
     def queue_position(self, job_id: str) -> int | None:
-        """1 for the job served next, None when none of its slices wait."""
-        for position, waiting in enumerate(self._waiting, start=1):
-            if waiting == job_id:
-                return position
-        return None
+        return self.queue.position(job_id)
 
     # -- batching ----------------------------------------------------------------------------
 
-    def _take_batch(self) -> list[SliceTask]:
-        batch: list[SliceTask] = []
-        while self._waiting and len(batch) < self.batch_size:
-            job_id, queue = next(iter(self._waiting.items()))
-            batch.append(queue.popleft())
-            self._queued -= 1
-            # Round-robin: the job goes to the back of the line after giving one slice.
-            if queue:
-                self._waiting.move_to_end(job_id)
-            else:
-                del self._waiting[job_id]
-        return batch
-
     async def _serve(self) -> None:
-        while True:
-            if not self._waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        while not self._draining:
+            if not self.queue:
+                self.queue.changed.clear()
+                await self.queue.changed.wait()
                 continue
-            batch = self._take_batch()
-            assert self.worker is not None
-            now = time.monotonic()
-            jobs = {t.job_id for t in batch}
-            self.stats.batches += 1
-            self.stats.max_batch_size = max(self.stats.max_batch_size, len(batch))
-            self.stats.mixed_batches += len(jobs) > 1
-            self.stats.queue_wait_s += sum(now - t.queued_at for t in batch)
-            started = time.perf_counter()
+            batch = self.queue.take(self.batch_size)
+            self._inflight = batch
+            self._idle.clear()
             try:
-                results = await self.worker.transcribe(
-                    [(t.path, t.start_frame, t.num_frames) for t in batch]
-                )
+                await self._run_batch(batch)
             except WorkerCrashed as exc:
-                self._retry_or_fail(batch, exc)
+                await self._retry_or_fail(batch, exc)
                 raise
-            except WorkerError as exc:
-                log.error("batch_failed", model=self.name, error=exc.message, size=len(batch))
-                for t in batch:
-                    if not t.future.done():
-                        t.future.set_exception(exc)
-                continue
-            busy = time.perf_counter() - started
-            audio = sum(t.num_frames for t in batch) / self.sample_rate
-            self.stats.busy_s += busy
-            self.stats.audio_s += audio
-            self.stats.slices_done += len(batch)
-            if self._on_batch is not None:
-                self._on_batch(len(batch), busy, audio)
-            for task, result in zip(batch, results, strict=True):
-                if task.future.done():  # cancelled while the batch ran: drop the result
-                    self.stats.dropped_results += 1
-                else:
-                    task.future.set_result(result)
+            except Exception as exc:
+                self._fail(batch, WorkerError("internal_error", "internal error in the batcher"))
+                raise exc
+            finally:
+                self._inflight = []
+                self._idle.set()
+
+    async def _run_batch(self, batch: list[SliceTask]) -> None:
+        batch = [t for t in batch if not t.future.done()]
+        epochs = await self.store.lease_slices([t.key for t in batch], self.owner, LEASE_S)
+        live = []
+        for task in batch:
+            if task.key in epochs:
+                task.epoch = epochs[task.key]
+                live.append(task)
+            elif not task.future.done():  # done already, or its job ended
+                task.future.set_result(None)
+        if not live:
+            return
+        now = time.monotonic()
+        self.stats.batches += 1
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(live))
+        self.stats.mixed_batches += len({t.job_id for t in live}) > 1
+        self.stats.queue_wait_s += sum(now - t.queued_at for t in live)
+        try:
+            results = await self._infer(live)
+        except WorkerCrashed:
+            raise
+        except WorkerError as exc:
+            if len(live) == 1:
+                log.error("slice_failed", model=self.name, job_id=live[0].job_id, error=exc.message)
+                self._fail(live, exc)
+                return
+            # One slice may be poisonous: find it by running them one at a time.
+            self.stats.split_batches += 1
+            log.warning("batch_failed_retrying_singly", model=self.name, size=len(live))
+            for task in live:
+                await self._run_batch([task])
+            return
+        await self._commit(live, results)
+
+    async def _infer(self, tasks: list[SliceTask]) -> list[dict[str, Any]]:
+        assert self.worker is not None
+        started = time.perf_counter()
+        results = await self.worker.transcribe(
+            [(t.path, t.start_frame, t.num_frames) for t in tasks]
+        )
+        busy = time.perf_counter() - started
+        audio = sum(t.num_frames for t in tasks) / self.sample_rate
+        self.stats.busy_s += busy
+        self.stats.audio_s += audio
+        self.stats.slices_done += len(tasks)
+        if self._on_batch is not None:
+            self._on_batch(len(tasks), busy, audio)
+        return results
+
+    async def _commit(self, tasks: list[SliceTask], results: list[dict[str, Any]]) -> None:
+        accepted = await self.store.commit_slices(
+            [(t.job_id, t.idx, t.epoch, r) for t, r in zip(tasks, results, strict=True)]
+        )
+        for task, result, ok in zip(tasks, results, accepted, strict=True):
+            if not ok:
+                self.stats.dropped_results += 1
+            if not task.future.done():
+                task.future.set_result(result if ok else None)
+
+    async def _retry_or_fail(self, batch: list[SliceTask], exc: WorkerCrashed) -> None:
+        """Slices of a batch whose worker died go back with a new epoch, once."""
+        waiting = [t for t in batch if not t.future.done()]
+        try:
+            await self.store.requeue_slices([t.key for t in waiting])
+        except Exception:
+            log.exception("requeue_failed", model=self.name)
+            self._fail(waiting, exc)
+            return
+        retry = [t for t in waiting if t.crashes == 0]
+        self._fail([t for t in waiting if t.crashes > 0], exc)
+        for task in retry:
+            task.crashes += 1
+        self.queue.put_front(retry)

@@ -1,14 +1,26 @@
 """The transcription service: runs each job from upload to result, and owns job lifetimes.
 
 One job: convert (ffmpeg) -> plan slices -> queue slices in the model's pool -> publish
-progress and segments as slices finish -> merge -> completed. Whatever happens, the job
-ends in exactly one terminal event and its spool directory goes to the janitor.
+progress and segments as slices are committed -> merge -> completed. Every step is written
+to the store before it is acted on, so a job can be resumed from its record after a crash:
+a job with no slices yet is converted (again) from its upload; a job with slices queues only
+those not done; its events continue from the next seq.
+
+Guarantees:
+- Every accepted job reaches exactly one terminal event (also when it is cancelled before
+  its task first runs), unless the server stops first: then it stays in the store as it is
+  and the next start resumes it.
+- Shutdown is drain-then-stop: ``drain`` refuses new work and lets running jobs go on for
+  a while; ``stop`` ends whatever still runs without a terminal event (durable for the next
+  start) and tells watchers to resume (``ServerRestarting``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -19,10 +31,22 @@ from typing import Any
 import structlog
 
 from aiotranscribe import audio, chunking
+from aiotranscribe.admission import Admission
 from aiotranscribe.config import Settings
-from aiotranscribe.janitor import Janitor
-from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, PROCESSING, Job, JobStore, utcnow_iso
+from aiotranscribe.janitor import Janitor, new_job_dir
+from aiotranscribe.jobs import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    PROCESSING,
+    TERMINAL,
+    Job,
+    utcnow_iso,
+)
 from aiotranscribe.pool import InferencePool, ModelUnavailable
+from aiotranscribe.store import EventSpec, JobStore, SliceRecord
+from aiotranscribe.store.base import DONE
 from aiotranscribe.transcript import build_result, slice_segments
 from aiotranscribe.workers import WorkerError
 
@@ -33,12 +57,28 @@ CONVERT_SHARE = 0.1
 # Conversions at once: each is an ffmpeg process with its own CPU appetite.
 MAX_CONVERSIONS = 2
 SEED_MODEL_ALIASES = ("parakeet", "canary")
+UPLOAD, WAV = "upload", "audio.wav"
+# Seconds a client is told to wait while the server drains or restarts.
+RESTART_RETRY_AFTER_S = 5
 
 
 class UnknownModel(Exception):
     def __init__(self, name: str, served: list[str]) -> None:
         super().__init__(f"unknown model {name!r}; this server serves: {', '.join(served)}")
         self.detail = str(self)
+
+
+class ServerRestarting(Exception):
+    """The server is draining or stopping: try again (the job, if any, is kept)."""
+
+    def __init__(self, detail: str = "the server is restarting; try again shortly") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = RESTART_RETRY_AFTER_S
+
+
+class JobGone(Exception):
+    """The job is not in the store (unknown id, or expired)."""
 
 
 @dataclass
@@ -58,16 +98,27 @@ def new_job_id() -> str:
 
 class TranscriptionService:
     def __init__(
-        self, settings: Settings, store: JobStore, pools: dict[str, InferencePool], janitor: Janitor
+        self,
+        settings: Settings,
+        store: JobStore,
+        pools: dict[str, InferencePool],
+        janitor: Janitor,
+        admission: Admission,
     ) -> None:
         self.settings = settings
         self.store = store
         self.pools = pools
         self.janitor = janitor
+        self.admission = admission
         self.reserved: set[str] = set()  # job ids whose upload is still arriving
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._started: set[str] = set()  # job tasks whose coroutine began
+        self._cancelling: dict[str, str] = {}  # job id -> reason, cancels asked by clients
+        self._aux: set[asyncio.Task[Any]] = set()
         self._conversions = asyncio.Semaphore(MAX_CONVERSIONS)
-        self.closing = False
+        self.active: dict[str, str] = {}  # job id -> status, for metrics
+        self.draining = False
+        self.stopping = asyncio.Event()
         # Called once per job as it ends, with its stage timings (seconds) and ``total_s``.
         self.on_finish: list[Callable[[Job, dict[str, float]], None]] = []
 
@@ -84,148 +135,248 @@ class TranscriptionService:
             return served[0]
         raise UnknownModel(requested, served)
 
-    def admit(self, model: str) -> None:
-        """Raise ModelUnavailable / QueueFull before an upload is read."""
-        if self.closing:
-            raise ModelUnavailable("the server is shutting down")
-        pool = self.pools[model]
-        pool.ensure_ready()
-        pool.check_capacity(1)
+    def _check_open(self) -> None:
+        if self.draining or self.stopping.is_set():
+            raise ServerRestarting("the server is shutting down; try again shortly")
+
+    def admit(self, job_id: str, model: str | None) -> str:
+        """Reserve room for a new job before its upload is read; returns the model charged.
+
+        ``model`` None: the default model, or the first one that can take work (a failed
+        default does not block a healthy second model). Raises ServerRestarting,
+        ModelUnavailable or QueueFull."""
+        self._check_open()
+        if model is None:
+            default = self.pools[self.resolve_model(None)]
+            model = next((n for n, p in self.pools.items() if p.accepting), default.name)
+        self.pools[model].ensure_ready()
+        self.admission.reserve(job_id, model)
+        self.reserved.add(job_id)
+        return model
+
+    def readmit(self, job_id: str, model: str) -> None:
+        """The form named ``model``: charge the job to it (it must be able to take work)."""
+        self.pools[model].ensure_ready()
+        self.admission.move(job_id, model)
+
+    def new_job_dir(self, job_id: str) -> Path:
+        return new_job_dir(self.settings.spool_dir, job_id)
+
+    def abandon(self, job_id: str) -> None:
+        """An upload that will not become a job: release it and remove what it wrote."""
+        self.reserved.discard(job_id)
+        self.admission.release(job_id)
+        self.janitor.discard(self.job_dir(job_id))
 
     def job_dir(self, job_id: str) -> Path:
         return self.settings.spool_dir / job_id
 
-    def live_ids(self) -> set[str]:
-        return set(self.reserved) | {j.id for j in self.store if not j.terminal} | set(self._tasks)
+    async def live_ids(self) -> set[str]:
+        reserved, running = set(self.reserved), set(self._tasks)
+        return reserved | running | await self.store.live_ids()
 
-    # -- running -----------------------------------------------------------------------------
+    # -- accepting and running ---------------------------------------------------------------
 
-    def start(self, job_id: str, sub: Submission) -> Job:
+    async def accept(self, job_id: str, sub: Submission) -> Job:
+        """Commit the job (its upload is already durable), then start it. Shielded: once the
+        row is written, the job task starts even if the request is cancelled meanwhile."""
         job = Job(
             id=job_id,
             filename=sub.filename,
             model=sub.model,
+            kind=sub.kind,
             language=sub.language,
             include_timestamps=sub.include_timestamps,
             upload_bytes=sub.size,
         )
-        self.store.add(job)
-        self.reserved.discard(job_id)
-        job.set_stage("pending", "queued", queue_position=None)
-        task = asyncio.create_task(self._run(job, sub), name=f"job:{job_id}")
-        self._tasks[job_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
-        return job
 
-    def cancel(self, job: Job, reason: str = "cancelled by client") -> bool:
-        task = self._tasks.get(job.id)
-        if job.terminal or task is None:
-            return False
-        self.pools[job.model].cancel(job.id)
-        task.cancel(reason)
-        return True
+        async def commit_and_start() -> Job:
+            try:
+                await self.store.create(
+                    job,
+                    [("status", {"status": PENDING, "stage": "queued", "queue_position": None})],
+                )
+            except BaseException:
+                self.abandon(job_id)
+                raise
+            self.reserved.discard(job_id)
+            self._start(job)
+            return job
 
-    async def _run(self, job: Job, sub: Submission) -> None:
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
+        return await asyncio.shield(asyncio.ensure_future(commit_and_start()))
+
+    def _start(self, job: Job) -> None:
+        self.active[job.id] = job.status
+        task = asyncio.create_task(self._run(job.id), name=f"job:{job.id}")
+        self._tasks[job.id] = task
+        task.add_done_callback(functools.partial(self._task_done, job.id))
+
+    def _task_done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(job_id, None)
+        started = job_id in self._started
+        self._started.discard(job_id)
+        if task.cancelled() and not started and job_id in self._cancelling:
+            # Cancelled before its first step: its own handler never ran, so end it here.
+            self._spawn(self._finish_cancelled(job_id, self._cancelling[job_id]))
+        elif job_id not in self._cancelling or started:
+            self._cancelling.pop(job_id, None)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._aux.add(task)
+        task.add_done_callback(self._aux.discard)
+
+    async def _finish_cancelled(self, job_id: str, reason: str) -> None:
+        self._cancelling.pop(job_id, None)
+        job = await self.store.get(job_id)
+        if job is not None:
+            await self._end(job, CANCELLED, {"reason": reason}, {}, {})
+
+    async def cancel(self, job_id: str, reason: str = "cancelled by client") -> Job:
+        """Cancel a job; returns its record after the fact (terminal unless it had ended
+        before with another status, which it keeps)."""
+        job = await self.store.request_cancel(job_id, reason)
+        if job is None:
+            raise JobGone(job_id)
+        task = self._tasks.get(job_id)
+        if not job.terminal:
+            if task is not None:
+                self._cancelling[job_id] = reason
+                task.cancel(reason)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({task})
+                await asyncio.gather(*self._aux, return_exceptions=True)
+            else:  # no task here (cancel raced the end of a stop): end it in the store
+                await self._end(job, CANCELLED, {"reason": reason}, {}, {})
+        final = await self.store.get(job_id)
+        if final is None:
+            raise JobGone(job_id)
+        return final
+
+    async def _emit(self, job: Job, events: list[EventSpec], **changes: Any) -> None:
+        for name, value in changes.items():
+            setattr(job, name, value)
+        await self.store.append_events(job.id, events, **changes)
+
+    async def _status(self, job: Job, status: str, stage: str) -> None:
+        self.active[job.id] = status
+        position = self.pools[job.model].queue_position(job.id) if job.model in self.pools else None
+        await self._emit(
+            job,
+            [("status", {"status": status, "stage": stage, "queue_position": position})],
+            status=status,
+            stage=stage,
+        )
+
+    def _progress(self, job: Job, progress: float, **fields: Any) -> EventSpec:
+        # Progress never goes backwards, whatever order slices finish in.
+        job.progress = max(job.progress, min(progress, 1.0))
+        return ("progress", {"stage": job.stage, "progress": round(job.progress, 4), **fields})
+
+    async def _run(self, job_id: str) -> None:
+        self._started.add(job_id)
+        # "t0" becomes "total_s" when the job ends.
+        timings: dict[str, float] = {"t0": time.perf_counter()}
+        job = await self.store.get(job_id)
+        if job is None or job.terminal:
+            log.error("job_task_without_live_job", job_id=job_id, found=job is not None)
+            return
         try:
-            await self._transcribe(job, sub, timings)
+            if job.cancel_requested:
+                raise asyncio.CancelledError(job.cancel_reason or "cancelled")
+            await self._transcribe(job, timings)
         except asyncio.CancelledError as exc:
-            self.pools[job.model].cancel(job.id)
-            reason = str(exc.args[0]) if exc.args else "cancelled"
-            job.finish(CANCELLED, reason=reason)
+            self._drop_slices(job)
+            if job_id not in self._cancelling and self.stopping.is_set():
+                self.active.pop(job_id, None)
+                self.admission.release(job_id)
+                raise  # server stopping: the job stays as it is, for the next start
+            reason = self._cancelling.pop(job_id, None) or (
+                str(exc.args[0]) if exc.args else "cancelled"
+            )
+            await asyncio.shield(self._end(job, CANCELLED, {"reason": reason}, timings, {}))
         except audio.AudioError as exc:
-            self._fail(job, exc.status, exc.code, exc.detail)
+            await self._fail(job, exc.status, exc.code, exc.detail, timings)
         except ModelUnavailable as exc:
-            self._fail(job, 503, "model_unavailable", exc.detail)
+            await self._fail(job, 503, "model_unavailable", exc.detail, timings)
         except WorkerError as exc:
-            self._fail(job, 500, exc.code, exc.message)
+            await self._fail(job, 500, exc.code, exc.message, timings)
         except Exception as exc:
             log.exception("job_crashed", job_id=job.id)
-            self._fail(job, 500, "internal_error", f"internal error: {type(exc).__name__}")
+            await self._fail(
+                job, 500, "internal_error", f"internal error: {type(exc).__name__}", timings
+            )
         finally:
-            self.janitor.discard(self.job_dir(job.id))
-            total = time.perf_counter() - started
-            for hook in self.on_finish:
-                hook(job, {**timings, "total_s": total})
-            audio_s = timings.get("audio_s", 0.0)
-            log.info(
-                "transcription",
-                job_id=job.id,
-                status=job.status,
-                model=job.model,
-                bytes=sub.size,
-                audio_s=round(audio_s, 3),
-                convert_s=round(timings.get("convert_s", 0.0), 3),
-                queue_s=round(timings.get("queue_s", 0.0), 3),
-                inference_s=round(timings.get("inference_s", 0.0), 3),
-                total_s=round(total, 3),
-                rtf=round(total / audio_s, 4) if audio_s else None,
-            )
+            self._drop_slices(job)
 
-    def _fail(self, job: Job, status: int, code: str, message: str) -> None:
-        job.error, job.error_code, job.error_status = message, code, status
-        job.finish(FAILED, error={"code": code, "message": message})
+    def _drop_slices(self, job: Job) -> None:
+        pool = self.pools.get(job.model)
+        if pool is not None:
+            pool.cancel(job.id)
 
-    async def _transcribe(self, job: Job, sub: Submission, timings: dict[str, float]) -> None:
-        settings = self.settings
-        pool = self.pools[job.model]
-        workdir = self.job_dir(job.id)
-        wav = workdir / "audio.wav"
-
-        async with self._conversions:
-            job.set_stage(PROCESSING, "converting")
-            t0 = time.perf_counter()
-            declared = await audio.probe_duration(
-                sub.upload_path, sub.kind, ffprobe=settings.ffprobe
-            )
-            if declared is not None and declared > settings.max_audio_seconds:
-                raise audio.AudioError(
-                    413,
-                    "audio_too_long",
-                    f"the audio is {declared:.0f} s long; this server accepts at most "
-                    f"{settings.max_audio_seconds:.0f} s",
-                )
-            last_report = 0.0
-
-            def converted(seconds: float) -> None:
-                nonlocal last_report
-                if declared and seconds - last_report >= max(declared / 20, 0.5):
-                    last_report = seconds
-                    job.report_progress(
-                        CONVERT_SHARE * min(seconds / declared, 1.0),
-                        chunks_done=0,
-                        chunks_total=None,
-                        audio_done_s=0.0,
-                        audio_total_s=round(declared, 3),
-                        eta_s=None,
-                    )
-
-            duration = await audio.convert(
-                sub.upload_path,
-                sub.kind,
-                wav,
-                max_seconds=settings.max_audio_seconds,
-                timeout=settings.convert_timeout_s,
-                declared_s=declared,
-                ffmpeg=settings.ffmpeg,
-                on_progress=converted,
-            )
-            # The WAV is all we need from here; unlink off the loop (a big file takes a while).
-            await asyncio.to_thread(sub.upload_path.unlink, missing_ok=True)
-            timings["convert_s"] = time.perf_counter() - t0
-            timings["audio_s"] = duration
-        slices = await asyncio.to_thread(chunking.plan_slices, wav, self.chunk_seconds(pool))
-        job.set_stage(PROCESSING, "transcribing")
-        job.report_progress(
-            CONVERT_SHARE,
-            chunks_done=0,
-            chunks_total=len(slices),
-            audio_done_s=0.0,
-            audio_total_s=round(duration, 3),
-            eta_s=self._eta(pool, duration),
+    async def _fail(
+        self, job: Job, status: int, code: str, message: str, timings: dict[str, float]
+    ) -> None:
+        changes = {"error": message, "error_code": code, "error_status": status}
+        await self._end(
+            job, FAILED, {"error": {"code": code, "message": message}}, timings, changes
         )
-        segments = await self._infer(job, pool, wav, slices, duration, timings)
+
+    async def _end(
+        self,
+        job: Job,
+        status: str,
+        fields: dict[str, Any],
+        timings: dict[str, float],
+        changes: dict[str, Any],
+    ) -> None:
+        """Write the one terminal event; then clean up after the job (once, by the winner)."""
+        event = await self.store.finish(
+            job.id, status, fields, completed_at=utcnow_iso(), **changes
+        )
+        if event is None:
+            return
+        for name, value in changes.items():
+            setattr(job, name, value)
+        job.status = status
+        if "t0" in timings:
+            timings["total_s"] = time.perf_counter() - timings.pop("t0")
+        self.active.pop(job.id, None)
+        self.admission.release(job.id)
+        self.janitor.discard(self.job_dir(job.id))
+        for hook in self.on_finish:
+            hook(job, timings)
+        audio_s = timings.get("audio_s", 0.0)
+        total = timings.get("total_s", 0.0)
+        log.info(
+            "transcription",
+            job_id=job.id,
+            status=status,
+            model=job.model,
+            bytes=job.upload_bytes,
+            audio_s=round(audio_s, 3),
+            convert_s=round(timings.get("convert_s", 0.0), 3),
+            queue_s=round(timings.get("queue_s", 0.0), 3),
+            inference_s=round(timings.get("inference_s", 0.0), 3),
+            rtf=round(total / audio_s, 4) if audio_s and total else None,
+        )
+
+    async def _transcribe(self, job: Job, timings: dict[str, float]) -> None:
+        pool = self.pools.get(job.model)
+        if pool is None:
+            raise ModelUnavailable(f"model {job.model!r} is not served by this server any more")
+        workdir = self.job_dir(job.id)
+        wav = workdir / WAV
+        records = await self.store.slices(job.id)
+        if not records:
+            records = await self._convert(job, pool, workdir, timings)
+        elif not await asyncio.to_thread(wav.exists):
+            raise audio.AudioError(
+                410, "audio_missing", "the job's converted audio is gone from the spool"
+            )
+        duration = job.duration_s or 0.0
+        timings.setdefault("audio_s", duration)
+        segments = await self._infer(job, pool, wav, records, duration, timings)
         job.stage = "finalizing"
         result = build_result(
             segments,
@@ -237,8 +388,106 @@ class TranscriptionService:
             finished_at=utcnow_iso(),
         )
         result["job_id"] = job.id
-        job.result = result
-        job.finish(COMPLETED, result=result)
+        await self._end(
+            job,
+            COMPLETED,
+            {"result": result},
+            timings,
+            {"result": result, "stage": "finalizing", "progress": 1.0},
+        )
+
+    async def _convert(
+        self, job: Job, pool: InferencePool, workdir: Path, timings: dict[str, float]
+    ) -> list[SliceRecord]:
+        """Upload -> 16 kHz WAV -> slices, committed together; then the upload goes."""
+        settings = self.settings
+        upload, wav = workdir / UPLOAD, workdir / WAV
+        if not await asyncio.to_thread(upload.exists):
+            raise audio.AudioError(410, "audio_missing", "the job's upload is gone from the spool")
+        async with self._conversions:
+            await self._status(job, PROCESSING, "converting")
+            t0 = time.perf_counter()
+            declared = await audio.probe_duration(upload, job.kind, ffprobe=settings.ffprobe)
+            if declared is not None and declared > settings.max_audio_seconds:
+                raise audio.AudioError(
+                    413,
+                    "audio_too_long",
+                    f"the audio is {declared:.0f} s long; this server accepts at most "
+                    f"{settings.max_audio_seconds:.0f} s",
+                )
+            if declared is not None:
+                self.admission.update(job.id, declared)
+            last_report = 0.0
+            reports: set[asyncio.Task[None]] = set()
+
+            def converted(seconds: float) -> None:
+                nonlocal last_report
+                if declared and seconds - last_report >= max(declared / 20, 0.5):
+                    last_report = seconds
+                    event = self._progress(
+                        job,
+                        CONVERT_SHARE * min(seconds / declared, 1.0),
+                        chunks_done=0,
+                        chunks_total=None,
+                        audio_done_s=0.0,
+                        audio_total_s=round(declared, 3),
+                        eta_s=None,
+                    )
+                    report = asyncio.ensure_future(self._emit(job, [event], progress=job.progress))
+                    reports.add(report)
+                    report.add_done_callback(reports.discard)
+
+            try:
+                duration = await audio.convert(
+                    upload,
+                    job.kind,
+                    wav,
+                    max_seconds=settings.max_audio_seconds,
+                    timeout=settings.convert_timeout_s,
+                    declared_s=declared,
+                    ffmpeg=settings.ffmpeg,
+                    on_progress=converted,
+                )
+            finally:
+                await asyncio.gather(*reports, return_exceptions=True)
+            timings["convert_s"] = time.perf_counter() - t0
+            timings["audio_s"] = duration
+        self.admission.update(job.id, duration)
+        await asyncio.to_thread(_fsync, wav)
+        slices = await asyncio.to_thread(chunking.plan_slices, wav, self.chunk_seconds(pool))
+        job.stage, job.duration_s = "transcribing", duration
+        self.active[job.id] = PROCESSING
+        events: list[EventSpec] = [
+            (
+                "status",
+                {
+                    "status": PROCESSING,
+                    "stage": "transcribing",
+                    "queue_position": pool.queue_position(job.id),
+                },
+            ),
+            self._progress(
+                job,
+                CONVERT_SHARE,
+                chunks_done=0,
+                chunks_total=len(slices),
+                audio_done_s=0.0,
+                audio_total_s=round(duration, 3),
+                eta_s=self._eta(pool, duration),
+            ),
+        ]
+        await self.store.add_slices(
+            job.id,
+            slices,
+            events,
+            status=PROCESSING,
+            stage="transcribing",
+            progress=job.progress,
+            duration_s=duration,
+        )
+        # The slices are committed: from here a restart resumes from the WAV.
+        await asyncio.to_thread(upload.unlink, missing_ok=True)
+        return await self.store.slices(job.id)
 
     def chunk_seconds(self, pool: InferencePool) -> float:
         if self.settings.chunk_seconds:
@@ -259,64 +508,204 @@ class TranscriptionService:
         job: Job,
         pool: InferencePool,
         wav: Path,
-        slices: list[tuple[int, int]],
+        records: list[SliceRecord],
         duration: float,
         timings: dict[str, float],
     ) -> list[dict[str, Any]]:
         rate = pool.sample_rate
+        results: list[dict[str, Any] | None] = [
+            r.result if r.state == DONE else None for r in records
+        ]
+        waiting = [r for r in records if r.state != DONE]
         queued_at = time.perf_counter()
-        futures = pool.submit(job.id, [(str(wav), start, count) for start, count in slices])
-        index_of = {fut: i for i, fut in enumerate(futures)}
-        results: list[dict[str, Any] | None] = [None] * len(slices)
-        segments: list[dict[str, Any]] = []
-        emitted = 0
-        audio_done = 0.0
+        futures = pool.submit(
+            job.id, [(r.idx, str(wav), r.start_frame, r.num_frames) for r in waiting]
+        )
+        index_of = {fut: r.idx for fut, r in zip(futures, waiting, strict=True)}
         first_done: float | None = None
         pending = set(futures)
         try:
+            await self._publish_ready(
+                job, pool, records, results, duration, rate, pending, initial=True
+            )
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if first_done is None:
                     first_done = time.perf_counter()
+                missing = False
                 for fut in done:
-                    i = index_of[fut]
-                    results[i] = fut.result()
-                    audio_done += slices[i][1] / rate
-                # Segments go out in file order: only once every earlier slice is done.
-                while emitted < len(slices) and results[emitted] is not None:
-                    start, count = slices[emitted]
-                    for seg in slice_segments(results[emitted] or {}, start / rate, count / rate):
-                        job.publish("segment", segment={"id": len(segments), **seg})
-                        segments.append(seg)
-                    emitted += 1
-                chunks_done = len(slices) - len(pending)
-                job.report_progress(
-                    CONVERT_SHARE + (1 - CONVERT_SHARE) * audio_done / max(duration, 1e-9),
-                    chunks_done=chunks_done,
-                    chunks_total=len(slices),
-                    audio_done_s=round(audio_done, 3),
-                    audio_total_s=round(duration, 3),
-                    eta_s=self._eta(pool, duration - audio_done) if pending else 0.0,
-                )
+                    value = fut.result()
+                    results[index_of[fut]] = value
+                    missing |= value is None
+                if missing:  # committed, but not by our call: read it back
+                    stored = await self.store.slices(job.id)
+                    for r in stored:
+                        if r.state == DONE and results[r.idx] is None:
+                            results[r.idx] = r.result
+                await self._publish_ready(job, pool, records, results, duration, rate, pending)
         finally:
             for fut in pending:
                 fut.cancel()
         end = time.perf_counter()
         timings["queue_s"] = (first_done or end) - queued_at
         timings["inference_s"] = end - queued_at
+        segments = []
+        for r, result in zip(records, results, strict=True):
+            segments += slice_segments(result or {}, r.start_frame / rate, r.num_frames / rate)
         return segments
 
-    # -- shutdown ----------------------------------------------------------------------------
+    async def _publish_ready(
+        self,
+        job: Job,
+        pool: InferencePool,
+        records: list[SliceRecord],
+        results: list[dict[str, Any] | None],
+        duration: float,
+        rate: int,
+        pending: set[Any],
+        initial: bool = False,
+    ) -> None:
+        """Segments of every slice now done, in file order (only once every earlier slice is
+        done), and a progress event; one atomic append with the record's counters."""
+        events: list[EventSpec] = []
+        emitted, segment_id = job.slices_emitted, job.segments_emitted
+        while emitted < len(records) and results[emitted] is not None:
+            r = records[emitted]
+            for seg in slice_segments(
+                results[emitted] or {}, r.start_frame / rate, r.num_frames / rate
+            ):
+                events.append(("segment", {"segment": {"id": segment_id, **seg}}))
+                segment_id += 1
+            emitted += 1
+        done = [r for r, res in zip(records, results, strict=True) if res is not None]
+        audio_done = sum(r.num_frames for r in done) / rate
+        self.admission.update(job.id, duration - audio_done)
+        if initial and not events:  # nothing new since the last event (a fresh or resumed job)
+            return
+        events.append(
+            self._progress(
+                job,
+                CONVERT_SHARE + (1 - CONVERT_SHARE) * audio_done / max(duration, 1e-9),
+                chunks_done=len(done),
+                chunks_total=len(records),
+                audio_done_s=round(audio_done, 3),
+                audio_total_s=round(duration, 3),
+                eta_s=self._eta(pool, duration - audio_done) if pending else 0.0,
+            )
+        )
+        await self._emit(
+            job,
+            events,
+            slices_emitted=emitted,
+            segments_emitted=segment_id,
+            progress=job.progress,
+        )
 
-    async def close(self, timeout: float) -> None:
-        """Cancel running jobs (each ends with a ``cancelled`` event) and wait for them."""
-        self.closing = True
+    # -- watching ----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job:
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobGone(job_id)
+        return job
+
+    async def next_events(self, job_id: str, after: int, timeout: float) -> list[dict[str, Any]]:
+        """Events after ``after`` (waiting up to ``timeout``); ServerRestarting once the
+        server stops, so watchers know to come back rather than treat it as an end."""
+        if self.stopping.is_set():
+            raise ServerRestarting()
+        getter = asyncio.ensure_future(self.store.wait_events(job_id, after, timeout))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not getter.done():
+                getter.cancel()
+        if not getter.done() or getter.cancelled():
+            raise ServerRestarting()
+        return getter.result()
+
+    async def wait_done(self, job_id: str) -> Job:
+        """Wait for the job's terminal event; returns the final record."""
+        last = 0
+        while True:
+            events = await self.next_events(job_id, last, timeout=30.0)
+            if events:
+                last = events[-1]["seq"]
+                if events[-1]["type"] in TERMINAL:
+                    return await self.get(job_id)
+            elif await self.store.get(job_id) is None:
+                raise JobGone(job_id)
+
+    # -- start-up, retention and shutdown ------------------------------------------------------
+
+    async def recover(self) -> list[str]:
+        """Resume every job the store says had not ended (call once, at start-up)."""
+        jobs = await self.store.recover()
+        resumed = []
+        for job in jobs:
+            if job.cancel_requested:
+                await self._end(
+                    job, CANCELLED, {"reason": job.cancel_reason or "cancelled"}, {}, {}
+                )
+                continue
+            remaining = (job.duration_s or self.admission.provisional_s) * (1 - job.progress)
+            self.admission.hold(job.id, job.model, remaining)
+            await self._emit(
+                job,
+                [
+                    (
+                        "status",
+                        {
+                            "status": job.status,
+                            "stage": job.stage,
+                            "queue_position": None,
+                            "recovered": True,
+                        },
+                    )
+                ],
+            )
+            self._start(job)
+            resumed.append(job.id)
+        if jobs:
+            log.info("jobs_recovered", resumed=len(resumed), ids=resumed)
+        return resumed
+
+    async def expire(self) -> None:
+        for job_id in await self.store.expire(time.time()):
+            self.janitor.discard(self.job_dir(job_id))
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work (``/ready`` 503) and let running jobs go on for up to ``timeout``
+        seconds. True when every job ended."""
+        if self.draining:  # drained already (the CLI starts it on SIGTERM, while listening)
+            return not self._tasks
+        self.draining = True
         tasks = list(self._tasks.values())
-        for job_id in list(self._tasks):
-            job = self.store.get(job_id)
-            if job is not None:
-                self.cancel(job, "server shutting down")
         if tasks:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.gather(*tasks, return_exceptions=True)
+            log.info("draining", jobs=len(tasks), timeout_s=timeout)
+            await asyncio.wait(tasks, timeout=timeout)
+        return not self._tasks
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop every job still running without ending it (the next start resumes it);
+        watchers and waiting requests get ServerRestarting."""
+        self.draining = True
+        self.stopping.set()
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel("server restarting")
+        if tasks:
+            log.info("jobs_left_for_restart", jobs=len(tasks))
+            await asyncio.wait(tasks, timeout=timeout)
+        if self._aux:
+            await asyncio.wait(list(self._aux), timeout=timeout)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

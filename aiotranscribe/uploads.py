@@ -8,6 +8,8 @@ ever sees it. The client's file name is kept as metadata only, never used in a p
 
 from __future__ import annotations
 
+import asyncio
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,9 @@ async def _stream_file(part: BodyPartReader, dest: Path, limit: int, upload: Upl
                 if len(head) >= SNIFF_BYTES:
                     upload.kind = _judge(bytes(head))
             await out.write(chunk)
+        await out.flush()
+        # On disk before the job is committed: an accepted job's audio survives a crash.
+        await asyncio.to_thread(os.fsync, out.fileno())
     if upload.size == 0:
         raise UploadError(400, "empty_file", "the uploaded file is empty")
     if upload.kind is None:
@@ -116,10 +121,22 @@ async def _next_part(reader: MultipartReader) -> MultipartReader | BodyPartReade
         raise UploadError(400, "bad_request", "malformed multipart part headers") from None
 
 
+def _publish(partial: Path, final: Path) -> None:
+    """Rename the finished upload into place and make the rename durable."""
+    os.replace(partial, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upload:
     """Read the whole multipart body: the ``file`` part to disk, other parts as short fields.
 
-    Raises UploadError (400/413/415); the caller removes ``job_dir`` on any error.
+    The file is written to ``upload.part``, fsynced, and renamed to ``upload`` only once the
+    whole body was read, so ``upload`` is always complete. ``job_dir`` must exist. Raises
+    UploadError (400/413/415); the caller removes ``job_dir`` on any error.
     """
     check_content_length(request, limit)
     if not request.content_type.startswith("multipart/"):
@@ -132,14 +149,14 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
         raise UploadError(400, "bad_request", f"malformed multipart body: {exc}") from None
     upload = Upload()
     fields_seen = 0
-    job_dir.mkdir(parents=True, exist_ok=True)
+    partial = job_dir / "upload.part"
     while (part := await _next_part(reader)) is not None:
         if not isinstance(part, BodyPartReader):
             raise UploadError(400, "bad_request", "nested multipart bodies are not accepted")
         if part.name == FILE_FIELD and upload.path is None:
             upload.path = job_dir / "upload"
             upload.filename = clean_filename(part.filename)
-            await _stream_file(part, upload.path, limit, upload)
+            await _stream_file(part, partial, limit, upload)
         elif part.filename is not None or part.name == FILE_FIELD:
             raise UploadError(400, "bad_request", "send exactly one file, in the 'file' part")
         elif part.name:
@@ -151,4 +168,5 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
             upload.multi.setdefault(part.name, []).append(value)
     if upload.path is None:
         raise UploadError(400, "missing_file", "no 'file' part in the form")
+    await asyncio.to_thread(_publish, partial, upload.path)
     return upload

@@ -87,6 +87,7 @@ def settings(tmp_path: Path) -> Settings:
         device="cpu",
         torch_threads=1,
         spool_dir=tmp_path / "spool",
+        data_dir=tmp_path / "data",
         janitor_interval_s=3600,
         shutdown_timeout_s=5,
     )

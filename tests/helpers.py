@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp.test_utils import TestClient
+
+from aiotranscribe.jobs import Job
+from aiotranscribe.keys import store_key
 
 
 def form(
@@ -33,3 +39,19 @@ def form(
 
 def words_of(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [w for seg in result["segments"] for w in seg.get("words", [])]
+
+
+async def jobs_of(client: TestClient) -> list[Job]:
+    """Every job the app's store holds, newest first."""
+    return await client.app[store_key].list_jobs()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:
+    """Wait until the async ``check`` is true."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+async def events_of(client: TestClient, job_id: str) -> list[dict[str, Any]]:
+    return await client.app[store_key].events_after(job_id, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from tests.helpers import eventually, jobs_of
 from tests.test_formats import check_cues, parse_srt
 
 
@@ -48,8 +49,6 @@ async def test_cli_prints_text_and_reports_server_errors(client, voices, tmp_pat
 async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio):
     import signal
 
-    from aiotranscribe.keys import service_key
-
     path, _ = long_audio
     client = await make_client(chunk_seconds=5, batch_size=1)
     url = str(client.make_url("")).rstrip("/")
@@ -68,12 +67,12 @@ async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio):
         # children inherit that: give the CLI the disposition a terminal would.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    store = client.app[service_key].store
-    async with asyncio.timeout(60):
-        while not any(job.stage == "transcribing" for job in store):
-            await asyncio.sleep(0.05)
+    async def transcribing() -> bool:
+        return any(job.stage == "transcribing" for job in await jobs_of(client))
+
+    await eventually(transcribing)
     proc.send_signal(signal.SIGINT)
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 130, err.decode()
-    (job,) = list(store)
+    (job,) = await jobs_of(client)
     assert job.status == "cancelled"

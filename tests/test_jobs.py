@@ -8,8 +8,8 @@ from typing import Any
 
 import aiohttp
 
-from aiotranscribe.keys import pools_key, service_key
-from tests.helpers import form
+from aiotranscribe.keys import pools_key, service_key, store_key
+from tests.helpers import events_of, eventually, form, jobs_of
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -98,7 +98,7 @@ async def test_cancel_queued_and_running_jobs(make_client, long_audio, voices):
     await wait_for(lambda: pool.stats.batches >= 1)
     # A short job queued behind the long one: cancelled before any of its slices ran.
     queued = await submit(client, voices["hello"])
-    store = client.app[service_key].store
+    store = client.app[store_key]
     await wait_for(lambda: pool.queue_position(queued) is not None)
     resp = await client.post(f"/jobs/{queued}/cancel")
     assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
@@ -107,7 +107,7 @@ async def test_cancel_queued_and_running_jobs(make_client, long_audio, voices):
     assert events[-1]["type"] == "cancelled" and events[-1]["reason"]
     assert not any(e["type"] == "segment" for e in events)
     # The long job is still running: cancel it mid-batch with DELETE (the alias).
-    assert store.get(running).status == "processing"
+    assert (await store.get(running)).status == "processing"
     resp = await client.delete(f"/jobs/{running}")
     assert (await resp.json())["status"] == "cancelled"
     status = await (await client.get(f"/jobs/{running}/status")).json()
@@ -122,7 +122,8 @@ async def test_cancel_queued_and_running_jobs(make_client, long_audio, voices):
 
 async def test_queue_full_is_503_with_retry_after(make_client, long_audio, voices):
     path, _ = long_audio
-    client = await make_client(chunk_seconds=5, batch_size=1, max_queued_slices=3)
+    # Room for the two-minute job, not for a second job on top.
+    client = await make_client(chunk_seconds=5, batch_size=1, max_queued_audio_s=150)
     pool = pool_of(client)
     job = await submit(client, path)
     await wait_for(lambda: pool.queued >= 3)
@@ -130,7 +131,7 @@ async def test_queue_full_is_503_with_retry_after(make_client, long_audio, voice
     assert resp.status == 503
     assert int(resp.headers["Retry-After"]) >= 1
     assert (await resp.json())["code"] == "queue_full"
-    assert pool.stats.rejected == 1
+    assert client.app[service_key].admission.rejected[pool.name] == 1
     await client.post(f"/jobs/{job}/cancel")
 
 
@@ -140,34 +141,43 @@ async def test_unknown_job_events_is_404_before_upgrade(client):
     assert (await resp.json())["code"] == "job_not_found"
 
 
-async def test_shutdown_sends_final_status_and_1001(make_client, long_audio):
+async def test_shutdown_past_the_drain_budget_keeps_the_job_and_closes_1012(
+    make_client, long_audio
+):
     path, _ = long_audio
-    client = await make_client(chunk_seconds=5, batch_size=1)
+    client = await make_client(chunk_seconds=5, batch_size=1, shutdown_timeout_s=0.2)
     job_id = await submit(client, path)
     ws = await client.ws_connect(f"/jobs/{job_id}/events")
     await wait_for(lambda: pool_of(client).stats.batches >= 1)
     await client.server.app.shutdown()
     events = [msg.json() async for msg in ws if msg.type == aiohttp.WSMsgType.TEXT]
-    assert events[-1]["type"] == "cancelled"
-    assert "shutting down" in events[-1]["reason"]
-    assert ws.close_code == 1001
+    # "Restarting, resume": no terminal event, and the job stays unfinished in the store.
+    assert not {e["type"] for e in events} & TERMINAL
+    assert ws.close_code == 1012
     await ws.close()
+    job = await client.app[store_key].get(job_id)
+    assert job is not None and job.status == "processing"
+    # New work is refused while the server stops.
+    resp = await client.post("/transcribe/async", data=form(path))
+    assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1
 
 
 async def test_sync_client_disconnect_cancels_its_job(make_client, long_audio):
     client = await make_client(chunk_seconds=5, batch_size=1)
-    store = client.app[service_key].store
 
     async def post() -> None:
         async with client.post("/transcribe", data=form(long_audio[0])) as resp:
             await resp.read()
 
+    async def processing() -> bool:
+        return any(job.status == "processing" for job in await jobs_of(client))
+
     request = asyncio.create_task(post())
-    await wait_for(lambda: any(job.status == "processing" for job in store))
+    await eventually(processing)
     request.cancel()  # closes the connection mid-request
     with contextlib.suppress(asyncio.CancelledError):
         await request
-    (job,) = list(store)
-    await asyncio.wait_for(job.done.wait(), 10)
+    (job,) = await jobs_of(client)
+    job = await asyncio.wait_for(client.app[service_key].wait_done(job.id), 10)
     assert job.status == "cancelled"
-    assert job.events[-1]["reason"] == "client disconnected"
+    assert (await events_of(client, job.id))[-1]["reason"] == "client disconnected"

@@ -59,7 +59,7 @@ async def test_counters_move_after_a_transcription(client, voices):
 
 
 async def test_rejected_uploads_are_counted(make_client, voices):
-    client = await make_client(max_queued_slices=0)
+    client = await make_client(max_queued_audio_s=0)
     model = next(iter(client.app[pools_key]))
     resp = await client.post("/transcribe", data=form(voices["hello"]))
     assert resp.status == 503

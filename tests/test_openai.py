@@ -10,8 +10,8 @@ import pytest
 
 from aiotranscribe.keys import pools_key, service_key
 from tests import speech
-from tests.helpers import form
-from tests.test_jobs import wait_for
+from tests.helpers import events_of, eventually, form, jobs_of
+
 
 
 def sdk(client, **options) -> openai.AsyncOpenAI:
@@ -148,7 +148,7 @@ async def test_errors_in_openais_shape(make_client, voices):
     assert (await resp.json())["error"]["type"] == "invalid_request_error"
 
     # A full queue: 503, Retry-After, OpenAI's server_error.
-    busy = await make_client(max_queued_slices=0)
+    busy = await make_client(max_queued_audio_s=0)
     resp = await busy.post("/v1/audio/transcriptions", data=form(voices["hello"]))
     assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1
     assert (await resp.json())["error"]["type"] == "server_error"
@@ -164,7 +164,6 @@ async def test_models_list(client):
 @pytest.mark.parametrize("stream", [False, True])
 async def test_disconnect_cancels_the_job(make_client, long_audio, stream):
     client = await make_client(chunk_seconds=20, batch_size=1)
-    store = client.app[service_key].store
     fields = {"stream": "true"} if stream else {}
 
     async def post() -> None:
@@ -174,11 +173,15 @@ async def test_disconnect_cancels_the_job(make_client, long_audio, stream):
             await resp.read()
 
     request = asyncio.create_task(post())
-    await wait_for(lambda: any(job.status == "processing" for job in store))
+    async def processing() -> bool:
+        return any(job.status == "processing" for job in await jobs_of(client))
+
+    await eventually(processing)
     request.cancel()  # closes the connection mid-request
     with pytest.raises(asyncio.CancelledError):
         await request
-    (job,) = list(store)
-    await asyncio.wait_for(job.done.wait(), 10)
+    (job,) = await jobs_of(client)
+    job = await asyncio.wait_for(client.app[service_key].wait_done(job.id), 10)
     assert job.status == "cancelled"
-    assert job.events[-1]["reason"] == "client disconnected"
+    assert job.cancel_reason == "client disconnected"
+    assert (await events_of(client, job.id))[-1]["reason"] == "client disconnected"

@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from aiotranscribe.admission import QueueFull
 from aiotranscribe.audio import AudioError
-from aiotranscribe.pool import ModelUnavailable, QueueFull
-from aiotranscribe.service import UnknownModel
+from aiotranscribe.pool import ModelUnavailable
+from aiotranscribe.service import JobGone, ServerRestarting, UnknownModel
 from aiotranscribe.uploads import UploadError
 
 log = structlog.get_logger(__name__)
@@ -42,6 +43,10 @@ def to_api_error(exc: Exception) -> ApiError | None:
         return ApiError(exc.status, exc.code, exc.detail)
     if isinstance(exc, UnknownModel):
         return ApiError(400, "unknown_model", exc.detail)
+    if isinstance(exc, JobGone):
+        return ApiError(404, "job_not_found", "no job with that id (unknown, or expired)")
+    if isinstance(exc, ServerRestarting):
+        return ApiError(503, "server_restarting", exc.detail, {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, ModelUnavailable):
         return ApiError(503, "model_unavailable", exc.detail, {"Retry-After": "5"})
     if isinstance(exc, QueueFull):

@@ -1,8 +1,11 @@
-"""``GET /jobs/{id}/events``: a WebSocket of one job's events.
+"""``GET /jobs/{id}/events``: a WebSocket of one job's events, read from the store.
 
-The subscriber gets the job's history (or what follows ``?after=SEQ``), then live events; the
-server closes with 1000 after the terminal event. Each connection reads from its own bounded
-queue; a consumer that falls that far behind is closed (1008) instead of buffered.
+The watcher gets the job's history (or what follows ``?after=SEQ``), then live events as
+the store commits them; the server closes with 1000 after the terminal event. When the
+server stops before the job ends it closes with 1012 ("service restart"): the job is kept,
+and a client that reconnects with ``?after=<last seq>`` after the restart misses nothing and
+sees nothing twice. Each socket pulls from the store at its own pace, so a slow reader costs
+no memory; one that stops reading for ``SEND_TIMEOUT_S`` is closed with 1008.
 """
 
 from __future__ import annotations
@@ -17,10 +20,16 @@ from aiotranscribe.api.errors import ApiError
 from aiotranscribe.api.transcribe import get_job
 from aiotranscribe.jobs import TERMINAL
 from aiotranscribe.keys import service_key, websockets_key
+from aiotranscribe.service import ServerRestarting
 
 HEARTBEAT_S = 20.0
 MAX_CLIENT_MESSAGE = 4096  # clients have nothing to say beyond pings
 SLOW_CONSUMER = WSCloseCode.POLICY_VIOLATION
+RESTARTING = WSCloseCode.SERVICE_RESTART  # 1012
+# A peer that has not taken a frame for this long is cut off.
+SEND_TIMEOUT_S = 30.0
+# How long one store wait lasts before the job is looked up again.
+WAIT_S = 15.0
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -28,11 +37,12 @@ routes = web.RouteTableDef()
 
 @routes.get("/jobs/{job_id}/events")
 async def job_events(request: web.Request) -> web.StreamResponse:
-    job = get_job(request)  # 404 before the upgrade
+    job = await get_job(request)  # 404 before the upgrade
     try:
         after = int(request.query.get("after", "0"))
     except ValueError:
         raise ApiError(400, "bad_request", "after must be an integer event seq") from None
+    service = request.app[service_key]
     # No permessage-deflate: events are small, and aiohttp compresses big frames in an
     # executor, where they could interleave with heartbeat pings.
     ws = web.WebSocketResponse(
@@ -41,47 +51,46 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     sockets = request.app[websockets_key]
     sockets.add(ws)
-    # Subscribe before reading history, so no event falls between the two.
-    sub = job.subscribe()
-    reader = None
+    # Read (and ignore) client frames so pings, pongs and close frames are handled.
+    reader = asyncio.create_task(_drain(ws))
+    code, message = WSCloseCode.OK, b"job finished"
     try:
         last = after
-        for event in list(job.events):
-            if event["seq"] > last:
-                await ws.send_json(event)
-                last = event["seq"]
-        terminal = job.terminal and last >= job.events[-1]["seq"]
-        # Read (and ignore) client frames so pings, pongs and close frames are handled.
-        reader = asyncio.create_task(_drain(ws))
-        while not terminal and not ws.closed:
-            getter = asyncio.ensure_future(sub.queue.get())
+        while True:
+            getter = asyncio.ensure_future(service.next_events(job.id, last, WAIT_S))
             await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():  # the client went away (or shutdown closed the socket)
+            if not getter.done():  # the client went away
                 getter.cancel()
+                return ws
+            try:
+                events = getter.result()
+            except ServerRestarting:
+                code, message = RESTARTING, b"server restarting; resume with ?after="
                 break
-            event = getter.result()
-            if sub.overflowed:
-                await _close(ws, reader, SLOW_CONSUMER, b"consumer too slow")
+            if not events and await service.store.get(job.id) is None:
+                code, message = WSCloseCode.GOING_AWAY, b"job expired"
                 break
-            if event["seq"] <= last:
-                continue
-            await ws.send_json(event)
-            last = event["seq"]
-            terminal = event["type"] in TERMINAL
-        # A job ended by shutdown closes with "going away", so clients know to retry.
-        closing = request.app[service_key].closing
-        await _close(
-            ws,
-            reader,
-            WSCloseCode.GOING_AWAY if closing else WSCloseCode.OK,
-            b"server shutdown" if closing else b"job finished",
-        )
+            ended = False
+            for event in events:
+                try:
+                    async with asyncio.timeout(SEND_TIMEOUT_S):
+                        await ws.send_json(event)
+                except TimeoutError:
+                    code, message = SLOW_CONSUMER, b"consumer too slow"
+                    ended = True
+                    break
+                last = event["seq"]
+                ended = event["type"] in TERMINAL
+            if ended:
+                break
+        await _close(ws, reader, code, message)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
     except Exception:
         # After the upgrade an HTTP error answer would corrupt the stream: close instead.
         log.exception("events_socket_failed", job_id=job.id)
         await _close(ws, reader, WSCloseCode.INTERNAL_ERROR, b"internal error")
     finally:
-        job.unsubscribe(sub)
         sockets.discard(ws)
         await _stop(reader)
     return ws

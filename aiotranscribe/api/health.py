@@ -37,7 +37,7 @@ async def health(request: web.Request) -> web.StreamResponse:
 async def ready(request: web.Request) -> web.StreamResponse:
     """200 only when every model is loaded and the server is not draining."""
     pools = request.app[pools_key]
-    closing = request.app[service_key].closing
+    closing = request.app[service_key].draining
     states = {pool.name: pool.state for pool in pools.values()}
     ok = not closing and all(state == "ready" for state in states.values())
     return web.json_response(

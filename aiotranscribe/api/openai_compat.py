@@ -10,6 +10,7 @@ cancels its job.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -21,10 +22,17 @@ import structlog
 from aiohttp import web
 
 from aiotranscribe.api.errors import ApiError, Handler, to_api_error
-from aiotranscribe.api.transcribe import CLIENT_CLOSED, parse_bool, receive_submission, until_gone
+from aiotranscribe.api.transcribe import (
+    CLIENT_CLOSED,
+    parse_bool,
+    receive_submission,
+    until_gone,
+    wait_for_job,
+)
 from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render, to_verbose_json
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, TERMINAL, Job
 from aiotranscribe.keys import pools_key, service_key
+from aiotranscribe.service import ServerRestarting
 from aiotranscribe.uploads import Upload
 
 log = structlog.get_logger(__name__)
@@ -111,16 +119,13 @@ async def create_transcription(request: web.Request) -> web.StreamResponse:
             upload.fields["model"] = ""  # the service resolves an empty name to the default
 
     job_id, submission, _ = await receive_submission(request, check)
-    job = service.start(job_id, submission)
-    try:
-        if options.stream:
-            return await stream_transcript(request, job)
-        if not await until_gone(request, job.done.wait()):
-            return web.Response(status=CLIENT_CLOSED)  # nobody is there to read it
-        return answer(job, options)
-    finally:
-        if not job.terminal:
-            service.cancel(job, "client disconnected")
+    await service.accept(job_id, submission)
+    if options.stream:
+        return await stream_transcript(request, job_id)
+    job = await wait_for_job(request, job_id)
+    if job is None:
+        return web.Response(status=CLIENT_CLOSED)  # nobody is there to read it
+    return answer(job, options)
 
 
 def usage(result: dict[str, Any]) -> dict[str, Any]:
@@ -146,25 +151,28 @@ def answer(job: Job, options: Options) -> web.Response:
 def job_error(job: Job) -> ApiError:
     if job.status == FAILED:
         return ApiError(job.error_status, job.error_code or "failed", job.error or "failed")
-    reason = job.events[-1].get("reason") if job.events else None
+    reason = job.cancel_reason
     return ApiError(409, "cancelled", f"the job was cancelled ({reason or 'no reason given'})")
 
 
 # -- streaming --------------------------------------------------------------------------------
 
 
-async def stream_transcript(request: web.Request, job: Job) -> web.StreamResponse:
+async def stream_transcript(request: web.Request, job_id: str) -> web.StreamResponse:
+    """Server-sent events of the job's text; the job is cancelled if the client leaves."""
+    service = request.app[service_key]
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
-            "X-Job-ID": job.id,
+            "X-Job-ID": job_id,
         }
     )
-    await response.prepare(request)
-    said = False
+    finished = False
     try:
-        async with contextlib.aclosing(follow(request, job)) as events:
+        await response.prepare(request)
+        said = False
+        async with contextlib.aclosing(follow(request, job_id)) as events:
             async for event in events:
                 if event["type"] == "segment":
                     text = event["segment"]["text"]
@@ -175,12 +183,19 @@ async def stream_transcript(request: web.Request, job: Job) -> web.StreamRespons
                     done = {"type": "transcript.text.done", "text": event["result"]["text"]}
                     await send(response, done)
                 elif event["type"] in (FAILED, CANCELLED):
-                    api = job_error(job)
+                    api = job_error(await service.get(job_id))
                     body = error_body(api.status, api.code, api.detail, param_of(api))
                     await send(response, {"type": "error", **body})
+                finished = event["type"] in TERMINAL
+        if not finished and service.stopping.is_set():
+            body = error_body(503, "server_restarting", "the server is restarting", None)
+            await send(response, {"type": "error", **body})
         await response.write_eof()
     except ConnectionResetError:
-        pass  # the client went away mid-write; the caller cancels the job
+        pass  # the client went away mid-write
+    finally:
+        if not finished and not service.stopping.is_set():
+            await asyncio.shield(service.cancel(job_id, "client disconnected"))
     return response
 
 
@@ -188,25 +203,25 @@ async def send(response: web.StreamResponse, data: dict[str, Any]) -> None:
     await response.write(f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
 
 
-async def follow(request: web.Request, job: Job) -> AsyncGenerator[dict[str, Any]]:
-    """The job's events in order, history first, up to its terminal one; ends early when
-    the client goes away. The job keeps every event, so the subscriber is only a wake-up:
-    one that overflowed falls back to waiting for the end."""
-    sub = job.subscribe()
-    try:
-        index = 0
-        while True:
-            while index < len(job.events):
-                event = job.events[index]
-                index += 1
-                yield event
-                if event["type"] in TERMINAL:
-                    return
-            news = job.done.wait() if sub.overflowed else sub.queue.get()
-            if not await until_gone(request, news):
+async def follow(request: web.Request, job_id: str) -> AsyncGenerator[dict[str, Any]]:
+    """The job's events in order, history first, up to its terminal one; ends early when the
+    client goes away or the server stops."""
+    service = request.app[service_key]
+    last = 0
+    while True:
+        try:
+            present, events = await until_gone(
+                request, service.next_events(job_id, last, timeout=30.0)
+            )
+        except ServerRestarting:
+            return
+        if not present:
+            return
+        for event in events or []:
+            last = event["seq"]
+            yield event
+            if event["type"] in TERMINAL:
                 return
-    finally:
-        job.unsubscribe(sub)
 
 
 # -- models -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
 import structlog
 from aiohttp import web
@@ -13,10 +13,11 @@ from aiotranscribe.api.errors import ApiError, error_response
 from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, Job
 from aiotranscribe.keys import service_key, settings_key
-from aiotranscribe.service import Submission, new_job_id
+from aiotranscribe.service import JobGone, Submission, new_job_id
 from aiotranscribe.uploads import Upload, receive_upload
 
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 TRUE = {"true", "1", "yes", "on"}
 # How often a handler waiting on a job checks whether its client is still there
@@ -41,27 +42,29 @@ async def receive_submission(
 ) -> tuple[str, Submission, Upload]:
     """Admit, stream the upload to the spool, and validate the form; nothing left on error.
 
-    ``check`` validates a route's own fields (and may normalise them) before the model is
-    resolved; what it raises is cleaned up like any other error."""
+    Admission happens before a byte is read, against the model named in the query string
+    (``?model=``) or else the default (or first healthy) model; once the form is read the
+    job is charged to the model it names. ``check`` validates a route's own fields (and may
+    normalise them) before the model is resolved; what it raises is cleaned up like any
+    other error."""
     service = request.app[service_key]
     settings = request.app[settings_key]
-    # Refuse before reading a byte when the default model cannot take work.
-    service.admit(service.resolve_model(None))
     job_id = new_job_id()
+    hinted = request.query.get("model")
+    service.admit(job_id, service.resolve_model(hinted) if hinted else None)
     structlog.contextvars.bind_contextvars(job_id=job_id)
-    service.reserved.add(job_id)
     try:
-        upload = await receive_upload(request, service.job_dir(job_id), settings.max_upload_bytes)
+        job_dir = await asyncio.to_thread(service.new_job_dir, job_id)
+        upload = await receive_upload(request, job_dir, settings.max_upload_bytes)
         if check is not None:
             check(upload)
         model = service.resolve_model(upload.fields.get("model"))
-        service.admit(model)
+        service.readmit(job_id, model)
         include = parse_bool(
             "include_timestamps", upload.fields.get("include_timestamps"), default=True
         )
     except BaseException:
-        service.reserved.discard(job_id)
-        service.janitor.discard(service.job_dir(job_id))
+        service.abandon(job_id)
         raise
     assert upload.path is not None and upload.kind is not None
     language = upload.fields.get("language") or None
@@ -82,24 +85,38 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def until_gone(request: web.Request, awaitable: Awaitable[Any]) -> bool:
-    """Await ``awaitable``; False (and it cancelled) if the client disconnects first."""
+async def until_gone(request: web.Request, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
+    """Await ``awaitable``; (False, None) (and it cancelled) if the client disconnects first."""
     task = asyncio.ensure_future(awaitable)
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and client_gone(request):
-                return False
-        return True
+                return False, None
+        return True, task.result()
     finally:
         task.cancel()
 
 
-def get_job(request: web.Request) -> Job:
-    job = request.app[service_key].store.get(request.match_info["job_id"])
-    if job is None:
-        raise ApiError(404, "job_not_found", "no job with that id (unknown, or expired)")
-    return job
+async def get_job(request: web.Request) -> Job:
+    try:
+        return await request.app[service_key].get(request.match_info["job_id"])
+    except JobGone:
+        raise ApiError(404, "job_not_found", "no job with that id (unknown, or expired)") from None
+
+
+async def wait_for_job(request: web.Request, job_id: str) -> Job | None:
+    """The job's final record; None when the client left (the job is then cancelled)."""
+    service = request.app[service_key]
+    finished = False
+    try:
+        present, job = await until_gone(request, service.wait_done(job_id))
+        finished = present
+        return job
+    finally:
+        if not finished and not service.stopping.is_set():
+            # The client left (or we were cancelled): stop the work nobody will read.
+            await asyncio.shield(service.cancel(job_id, "client disconnected"))
 
 
 def job_error_response(job: Job) -> web.Response:
@@ -112,13 +129,10 @@ def job_error_response(job: Job) -> web.Response:
 async def transcribe(request: web.Request) -> web.StreamResponse:
     service = request.app[service_key]
     job_id, submission, _ = await receive_submission(request)
-    job = service.start(job_id, submission)
-    try:
-        if not await until_gone(request, job.done.wait()):
-            return web.Response(status=CLIENT_CLOSED)  # nobody is there to read it
-    finally:
-        if not job.terminal:  # the client left (or we were cancelled): stop the work
-            service.cancel(job, "client disconnected")
+    await service.accept(job_id, submission)
+    job = await wait_for_job(request, job_id)
+    if job is None:
+        return web.Response(status=CLIENT_CLOSED)  # nobody is there to read it
     if job.status != COMPLETED or job.result is None:
         return job_error_response(job)
     return web.json_response(job.result)
@@ -128,7 +142,7 @@ async def transcribe(request: web.Request) -> web.StreamResponse:
 async def transcribe_async(request: web.Request) -> web.StreamResponse:
     service = request.app[service_key]
     job_id, submission, _ = await receive_submission(request)
-    job = service.start(job_id, submission)
+    job = await service.accept(job_id, submission)
     return web.json_response(
         {
             "job_id": job.id,
@@ -140,12 +154,12 @@ async def transcribe_async(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/jobs/{job_id}/status")
 async def job_status(request: web.Request) -> web.StreamResponse:
-    return web.json_response(get_job(request).info())
+    return web.json_response((await get_job(request)).info())
 
 
 @routes.get("/jobs/{job_id}/result")
 async def job_result(request: web.Request) -> web.StreamResponse:
-    job = get_job(request)
+    job = await get_job(request)
     fmt = request.query.get("format", "json")
     if fmt not in FORMATS:
         raise ApiError(400, "bad_request", f"format must be one of {', '.join(FORMATS)}")
@@ -162,10 +176,14 @@ async def job_result(request: web.Request) -> web.StreamResponse:
 @routes.post("/jobs/{job_id}/cancel")
 @routes.delete("/jobs/{job_id}")
 async def job_cancel(request: web.Request) -> web.StreamResponse:
-    job = get_job(request)
-    if request.app[service_key].cancel(job):
-        await job.done.wait()  # the job task reaches its terminal event promptly
-        return web.json_response({"message": "job cancelled", "status": job.status})
-    return web.json_response(
-        {"message": f"the job is already {job.status}; nothing to cancel", "status": job.status}
-    )
+    job = await get_job(request)
+    if job.terminal:
+        return web.json_response(
+            {"message": f"the job is already {job.status}; nothing to cancel", "status": job.status}
+        )
+    try:
+        job = await request.app[service_key].cancel(job.id)
+    except JobGone:
+        raise ApiError(404, "job_not_found", "no job with that id (unknown, or expired)") from None
+    message = "job cancelled" if job.status == CANCELLED else f"the job is already {job.status}"
+    return web.json_response({"message": message, "status": job.status})
