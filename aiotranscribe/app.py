@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -51,14 +51,22 @@ SOCKET_DRAIN_S = 2.0
 BATCH_DRAIN_S = 30.0
 
 
+WorkerFactory = Callable[[str], Worker]
+
+
 def build_pools(
-    settings: Settings, store: JobStore, metrics: Metrics | None = None
+    settings: Settings,
+    store: JobStore,
+    metrics: Metrics | None = None,
+    worker_factory: WorkerFactory | None = None,
 ) -> dict[str, InferencePool]:
     pools: dict[str, InferencePool] = {}
     for spec in settings.models:
         name = model_display_name(spec)
 
         def factory(spec: str = spec) -> Worker:
+            if worker_factory is not None:
+                return worker_factory(spec)
             return make_worker(settings.executor, spec, settings.device, settings.torch_threads)
 
         pools[name] = InferencePool(
@@ -71,7 +79,14 @@ def build_pools(
     return pools
 
 
-def create_app(settings: Settings, store: JobStore | None = None) -> web.Application:
+def create_app(
+    settings: Settings,
+    store: JobStore | None = None,
+    worker_factory: WorkerFactory | None = None,
+) -> web.Application:
+    """The app for ``settings``. ``store`` replaces the one ``settings.store`` names;
+    ``worker_factory`` (model spec -> worker handle) replaces the executor's, for embedding
+    the server with a worker of one's own."""
     metrics = Metrics()
     # Metrics first, to count the answer the client gets; OpenAI's error shape inside.
     middlewares = [metrics.middleware, error_middleware, openai_compat.openai_error_middleware]
@@ -86,7 +101,7 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
     app[settings_key] = settings
     app[metrics_key] = metrics
     app[store_key] = store
-    pools = build_pools(settings, store, metrics)
+    pools = build_pools(settings, store, metrics, worker_factory)
     app[pools_key] = pools
     app[websockets_key] = weakref.WeakSet()
 

@@ -67,6 +67,7 @@ async def test_cli_ctrl_c_cancels_the_job(make_client, long_audio):
         # children inherit that: give the CLI the disposition a terminal would.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
     async def transcribing() -> bool:
         return any(job.stage == "transcribing" for job in await jobs_of(client))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from typing import Any
 
 import aiohttp
@@ -160,6 +161,10 @@ async def test_shutdown_past_the_drain_budget_keeps_the_job_and_closes_1012(
     # New work is refused while the server stops.
     resp = await client.post("/transcribe/async", data=form(path))
     assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1
+    # Its audio is kept for the next start.
+    kept = client.app[service_key].job_dir(job_id)
+    assert (kept / "audio.wav").is_file()
+    shutil.rmtree(kept)
 
 
 async def test_sync_client_disconnect_cancels_its_job(make_client, long_audio):

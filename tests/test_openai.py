@@ -13,7 +13,6 @@ from tests import speech
 from tests.helpers import events_of, eventually, form, jobs_of
 
 
-
 def sdk(client, **options) -> openai.AsyncOpenAI:
     """The SDK pointed at the test server (same loop: the async client)."""
     return openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", **options)
@@ -173,6 +172,7 @@ async def test_disconnect_cancels_the_job(make_client, long_audio, stream):
             await resp.read()
 
     request = asyncio.create_task(post())
+
     async def processing() -> bool:
         return any(job.status == "processing" for job in await jobs_of(client))
 

@@ -129,7 +129,9 @@ async def test_wait_events_wakes_on_append_and_times_out(store):
 async def test_slices_lease_commit_and_fencing(store):
     job = await new_job(store)
     events = await store.add_slices(
-        job.id, [(0, 100), (100, 100), (200, 50)], [("status", {"stage": "transcribing"})],
+        job.id,
+        [(0, 100), (100, 100), (200, 50)],
+        [("status", {"stage": "transcribing"})],
         duration_s=0.02,
     )
     assert [e["seq"] for e in events] == [2]
