@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench-health clean
+.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench-health bench-durability clean
 
 serve: setup
 	$(BIN)/aiotranscribe serve --model $(MODEL) --host $(HOST) --port $(PORT)
@@ -53,5 +53,9 @@ fidelity: setup
 bench-health: setup
 	$(BIN)/python benchmarks/health_latency.py
 
+# kill -9 cycles (every accepted job completes once) and SQLite's cost against memory.
+bench-durability: setup
+	$(BIN)/python benchmarks/durability.py
+
 clean:
-	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) spool data .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 FORMATS = ("text", "json", "srt", "vtt", "verbose_json")
 UPLOAD_CHUNK = 256 * 1024
+SERVICE_RESTART = 1012
+# How long the client waits for a restarting server to come back before it gives up.
+RESTART_WAIT_S = 300.0
 
 
 class ClientFailure(Exception):
@@ -77,24 +80,42 @@ async def _submit(
 async def _follow(
     session: aiohttp.ClientSession, url: str, job_id: str, progress: Progress
 ) -> dict[str, Any]:
-    """Watch the job's events until a terminal one; returns it. Reconnects with ``after``."""
+    """Watch the job's events until a terminal one; returns it. Reconnects with ``after``
+    when the socket drops, and waits out a server restart (close code 1012; the job is kept)
+    for up to ``RESTART_WAIT_S``."""
     task = progress.add_task("job", total=1.0, stage="queued")
     last = 0
+    unreachable_since: float | None = None
+    loop = asyncio.get_running_loop()
     while True:
         ws_url = f"{url}/jobs/{job_id}/events?after={last}"
-        async with session.ws_connect(ws_url, heartbeat=30) as ws:
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    break
-                event = json.loads(msg.data)
-                last = event["seq"]
-                if event["type"] == "progress":
-                    progress.update(task, completed=event["progress"], stage=event["stage"])
-                elif event["type"] == "status":
-                    progress.update(task, stage=event["stage"])
-                elif event["type"] in ("completed", "failed", "cancelled"):
-                    progress.update(task, completed=1.0 if event["type"] == "completed" else None)
-                    return event
+        try:
+            async with session.ws_connect(ws_url, heartbeat=30) as ws:
+                unreachable_since = None
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        break
+                    event = json.loads(msg.data)
+                    last = event["seq"]
+                    if event["type"] == "progress":
+                        progress.update(task, completed=event["progress"], stage=event["stage"])
+                    elif event["type"] == "status":
+                        progress.update(task, stage=event["stage"])
+                    elif event["type"] in ("completed", "failed", "cancelled"):
+                        done = 1.0 if event["type"] == "completed" else None
+                        progress.update(task, completed=done)
+                        return event
+                if ws.close_code == SERVICE_RESTART:
+                    progress.update(task, stage="restarting")
+        except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError) as exc:
+            if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status == 404:
+                raise ClientFailure(f"job {job_id} is gone from the server") from exc
+            unreachable_since = unreachable_since or loop.time()
+            if loop.time() - unreachable_since > RESTART_WAIT_S:
+                raise
+            progress.update(task, stage="restarting")
+            await asyncio.sleep(2.0)
+            continue
         await asyncio.sleep(0.5)  # the socket dropped before the end: resume after `last`
 
 

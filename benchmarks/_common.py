@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,12 +24,17 @@ def make_speech(seconds: float, workdir: Path, seed: int = 5) -> tuple[Path, lis
 
 
 class Server:
-    """``aiotranscribe serve`` in a subprocess, stopped on exit."""
+    """``aiotranscribe serve`` in a subprocess (its own process group), stopped on exit.
 
-    def __init__(self, *extra: str, model: str = "demo") -> None:
+    ``root``: where its spool and data directories live (a fresh temporary one by default);
+    start another Server on the same root to restart on the same jobs."""
+
+    def __init__(self, *extra: str, model: str = "demo", root: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.spool = Path(tempfile.mkdtemp(prefix="bench-spool-"))
+        self.root = root or Path(tempfile.mkdtemp(prefix="bench-"))
+        self.spool = self.root / "spool"
+        self.data = self.root / "data"
         self.args = [
             sys.executable,
             "-m",
@@ -40,6 +46,8 @@ class Server:
             str(self.port),
             "--spool-dir",
             str(self.spool),
+            "--data-dir",
+            str(self.data),
             "--log-format",
             "json",
             "--log-level",
@@ -48,11 +56,17 @@ class Server:
         ]
 
     def __enter__(self) -> Server:
-        self.proc = subprocess.Popen(self.args, cwd=ROOT)
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, start_new_session=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(120)
+
+    def kill9(self) -> None:
+        """``kill -9`` of the server's whole process group (its model worker included)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 180) -> None:

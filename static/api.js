@@ -150,12 +150,17 @@ export function uploadAudio(file, fields, onProgress) {
 
 const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
 const POLL_MS = 1500;
+// Close code 1012: the server is restarting and keeps the job. Try again this often, for
+// about as long as a restart with a model load takes, before falling back to polling.
+const SERVICE_RESTART = 1012;
+const RESTART_RETRY_MS = 2000;
+const RESTART_RETRIES = 150;
 
 /**
  * Follow a job until it ends. `onEvent` gets each event once, in seq order (the WebSocket
  * history replays from `after`, so a resumed socket never repeats one). `onConnection`
- * gets "live" | "reconnecting" | "polling". Returns {stop}; `done` resolves with the
- * terminal event.
+ * gets "live" | "reconnecting" | "restarting" | "polling". Returns {stop}; `done` resolves
+ * with the terminal event.
  */
 export function followJob(jobId, { onEvent, onConnection = () => {} }) {
   let lastSeq = 0;
@@ -163,6 +168,7 @@ export function followJob(jobId, { onEvent, onConnection = () => {} }) {
   let ws = null;
   let timer = null;
   let attempt = 0;
+  let restartTries = 0; // > 0 while the server restarts (it closed with 1012)
   let resolveDone;
   const done = new Promise((resolve) => {
     resolveDone = resolve;
@@ -196,6 +202,7 @@ export function followJob(jobId, { onEvent, onConnection = () => {} }) {
     ws.addEventListener("open", () => {
       opened = true;
       attempt = 0;
+      restartTries = 0;
       onConnection("live");
     });
     ws.addEventListener("message", (msg) => {
@@ -205,9 +212,16 @@ export function followJob(jobId, { onEvent, onConnection = () => {} }) {
         // A frame we cannot parse is not worth dropping the job view for.
       }
     });
-    ws.addEventListener("close", () => {
+    ws.addEventListener("close", (ev) => {
       ws = null;
       if (stopped) return;
+      // The server is restarting: it kept the job; come back after it, from lastSeq.
+      if (ev.code === SERVICE_RESTART || (restartTries > 0 && restartTries < RESTART_RETRIES)) {
+        restartTries += 1;
+        onConnection("restarting");
+        timer = setTimeout(connect, RESTART_RETRY_MS);
+        return;
+      }
       // Not terminal yet: the socket dropped (network, proxy, or 1001 on server restart).
       // A socket that never opened may mean WebSockets are blocked on the way: poll instead.
       if (!opened && attempt >= 2) {

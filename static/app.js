@@ -224,6 +224,7 @@ function follow(jobId, name) {
       $("connection").textContent = {
         live: "",
         reconnecting: "· connection lost, reconnecting…",
+        restarting: "· the server is restarting; the job is kept and resumes after it…",
         polling: "· checking every few seconds",
       }[how];
     },

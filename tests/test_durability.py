@@ -13,6 +13,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,13 @@ def chunks_done(event: dict[str, Any]) -> int:
 def db_rows(server: Server, sql: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(server.data / "jobs.sqlite3") as db:
         return db.execute(sql).fetchall()
+
+
+async def spool_emptied(server: Server) -> None:
+    """The janitor removes a finished job's directory shortly after its end."""
+    async with asyncio.timeout(10):
+        while list(server.spool.iterdir()):
+            await asyncio.sleep(0.05)
 
 
 def check_history(events: list[dict[str, Any]]) -> None:
@@ -139,7 +147,7 @@ async def test_kill_9_mid_job_and_mid_upload(tmp_path, long_audio):
         assert dict(epochs).get(1, 0) <= 1 and dict(epochs)[0] >= 3, epochs
         # The cut-off upload left no job and nothing in the spool.
         assert {r[0] for r in db_rows(server, "SELECT id FROM jobs")} == {job_id, again}
-        assert list(server.spool.iterdir()) == []
+        await spool_emptied(server)
         assert "jobs_recovered" in server.log_text()
         assert await server.terminate() < 30
         assert db_rows(server, "PRAGMA integrity_check") == [("ok",)]
@@ -149,11 +157,27 @@ async def test_kill_9_mid_job_and_mid_upload(tmp_path, long_audio):
 
 async def test_sigterm_drains_short_jobs_and_keeps_long_ones(tmp_path, six_minutes, voices):
     server = Server(
-        tmp_path / "srv", "--chunk-seconds", "1", "--batch-size", "1", "--shutdown-timeout-s", "3"
+        tmp_path / "srv", "--chunk-seconds", "2", "--batch-size", "1", "--shutdown-timeout-s", "3"
     )
     try:
         await server.start()
-        long_id = await submit(server, six_minutes)
+        # The long job comes from the CLI, which must ride out the restart.
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiotranscribe",
+            "transcribe",
+            str(six_minutes),
+            "--url",
+            server.url,
+            "--quiet",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            while not (rows := db_rows(server, "SELECT id FROM jobs")):
+                await asyncio.sleep(0.1)
+        long_id = rows[0][0]
         before, _ = await watch(server, long_id, until=lambda e: chunks_done(e) >= 2)
         short_id = await submit(server, voices["hello"])
         watching = asyncio.create_task(watch(server, long_id, after=before[-1]["seq"]))
@@ -181,7 +205,10 @@ async def test_sigterm_drains_short_jobs_and_keeps_long_ones(tmp_path, six_minut
         rest, code = await watch(server, long_id, after=seen[-1]["seq"])
         assert code == 1000
         check_history(seen + rest)
-        assert list(server.spool.iterdir()) == []
+        out, err = await asyncio.wait_for(cli.communicate(), 120)
+        assert cli.returncode == 0, err.decode()
+        assert out.decode().strip() == rest[-1]["result"]["text"]
+        await spool_emptied(server)
     finally:
         await server.close()
 
@@ -319,3 +346,24 @@ async def test_concurrent_uploads_are_admitted_against_the_limit(make_client, vo
         job = await asyncio.wait_for(service.wait_done(job_id), 60)
         assert job.status == "completed" and job.result["text"] == "hello world"
     assert service.admission.used(next(iter(client.app[pools_key]))) == 0
+
+
+async def test_a_recovered_job_whose_audio_is_gone_fails_clearly(make_client, settings):
+    """A job the store says is running, with no audio left in the spool (removed by hand,
+    a lost volume): at start-up it fails with ``audio_missing`` instead of hanging."""
+    from aiotranscribe.jobs import Job
+    from aiotranscribe.store import SqliteStore
+
+    store = SqliteStore(settings.data_dir / "jobs.sqlite3")
+    await store.open()
+    job = Job(id="f" * 32, filename="gone.wav", model="demo", kind="wav")
+    await store.create(job, [("status", {"status": "pending", "stage": "queued"})])
+    await store.close()
+    client = await make_client()
+    final = await asyncio.wait_for(client.app[service_key].wait_done(job.id), 30)
+    assert final.status == "failed" and final.error_code == "audio_missing"
+    events = await client.app[store_key].events_after(job.id, 0)
+    assert [e["type"] for e in events] == ["status", "status", "failed"]
+    assert events[1]["recovered"] is True
+    resp = await client.get(f"/jobs/{job.id}/result")
+    assert resp.status == 410 and (await resp.json())["code"] == "audio_missing"

@@ -8,7 +8,7 @@ import statistics
 import time
 
 from aiotranscribe.keys import pools_key
-from tests.conftest import child_processes, wait_ready
+from tests.conftest import MODEL, child_processes, wait_ready
 from tests.helpers import form
 
 
@@ -81,3 +81,13 @@ def test_server_process_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+async def test_a_failed_default_model_does_not_block_a_healthy_one(make_client, media, tmp_path):
+    client = await make_client(models=(str(tmp_path / "nope.nemo"), MODEL))
+    resp = await client.post("/transcribe", data=form(media["wav"], model="demo"))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["text"] == "hello world"
+    # Without a model named, the request is charged to the default, which cannot serve it.
+    resp = await client.post("/transcribe", data=form(media["wav"]))
+    assert resp.status == 503 and "not found" in (await resp.json())["detail"]
