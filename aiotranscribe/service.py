@@ -213,13 +213,15 @@ class TranscriptionService:
 
     def _task_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
+        # Whatever way the task ended, it holds nothing any more.
+        self.active.pop(job_id, None)
+        self.admission.release(job_id)
         started = job_id in self._started
         self._started.discard(job_id)
-        if task.cancelled() and not started and job_id in self._cancelling:
+        reason = self._cancelling.pop(job_id, None)
+        if task.cancelled() and not started and reason is not None:
             # Cancelled before its first step: its own handler never ran, so end it here.
-            self._spawn(self._finish_cancelled(job_id, self._cancelling[job_id]))
-        elif job_id not in self._cancelling or started:
-            self._cancelling.pop(job_id, None)
+            self._spawn(self._finish_cancelled(job_id, reason))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -227,7 +229,6 @@ class TranscriptionService:
         task.add_done_callback(self._aux.discard)
 
     async def _finish_cancelled(self, job_id: str, reason: str) -> None:
-        self._cancelling.pop(job_id, None)
         job = await self.store.get(job_id)
         if job is not None:
             await self._end(job, CANCELLED, {"reason": reason}, {}, {})

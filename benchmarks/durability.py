@@ -169,7 +169,10 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=16, help="concurrent jobs per round")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-speech-"))
-    audio = [make_speech(s, work / f"s{s}", seed=s)[0] for s in (20, 40, 60)]
+    audio = []
+    for seconds in (20, 40, 60):
+        (work / f"s{seconds}").mkdir()
+        audio.append(make_speech(seconds, work / f"s{seconds}", seed=seconds)[0])
     print(f"machine: {platform.node()} {platform.machine()} python {platform.python_version()}")
     print(f"kill -9 cycles ({args.cycles}):")
     kills = await kill_cycles(args.cycles, audio)
