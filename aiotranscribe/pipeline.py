@@ -1,0 +1,308 @@
+"""One job's way from upload to result, resumable from what its record says.
+
+convert (ffmpeg) -> plan slices -> queue the slices not done in the model's pool -> publish
+segments (in file order) and progress as slices are committed -> merge. Every step is
+written to the store before it is acted on: conversion and slicing are committed together
+(the upload is deleted only after), and segments go out with the record's counters in one
+atomic append, so a job resumed after a crash neither repeats nor skips an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from aiotranscribe import audio, chunking
+from aiotranscribe.admission import Admission
+from aiotranscribe.config import Settings
+from aiotranscribe.jobs import PROCESSING, Job, utcnow_iso
+from aiotranscribe.pool import InferencePool
+from aiotranscribe.store import EventSpec, JobStore, SliceRecord
+from aiotranscribe.store.base import DONE
+from aiotranscribe.transcript import build_result, slice_segments
+
+# Share of overall progress given to conversion; the rest follows transcribed audio.
+CONVERT_SHARE = 0.1
+# Conversions at once: each is an ffmpeg process with its own CPU appetite.
+MAX_CONVERSIONS = 2
+UPLOAD, WAV = "upload", "audio.wav"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        admission: Admission,
+        active: dict[str, str],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.admission = admission
+        self.active = active  # job id -> status, kept up to date for metrics
+        self._conversions = asyncio.Semaphore(MAX_CONVERSIONS)
+
+    async def _emit(self, job: Job, events: list[EventSpec], **changes: Any) -> None:
+        for name, value in changes.items():
+            setattr(job, name, value)
+        await self.store.append_events(job.id, events, **changes)
+
+    async def _status(self, job: Job, pool: InferencePool, status: str, stage: str) -> None:
+        self.active[job.id] = status
+        position = pool.queue_position(job.id)
+        await self._emit(
+            job,
+            [("status", {"status": status, "stage": stage, "queue_position": position})],
+            status=status,
+            stage=stage,
+        )
+
+    def _progress(self, job: Job, progress: float, **fields: Any) -> EventSpec:
+        # Progress never goes backwards, whatever order slices finish in.
+        job.progress = max(job.progress, min(progress, 1.0))
+        return ("progress", {"stage": job.stage, "progress": round(job.progress, 4), **fields})
+
+    async def run(
+        self, job: Job, pool: InferencePool, workdir: Path, timings: dict[str, float]
+    ) -> dict[str, Any]:
+        """Take the job from where its record says it is to its result (the caller writes
+        the terminal event). Raises AudioError, ModelUnavailable or WorkerError."""
+        wav = workdir / WAV
+        records = await self.store.slices(job.id)
+        if not records:
+            records = await self._convert(job, pool, workdir, timings)
+        elif not await asyncio.to_thread(wav.exists):
+            raise audio.AudioError(
+                410, "audio_missing", "the job's converted audio is gone from the spool"
+            )
+        duration = job.duration_s or 0.0
+        timings.setdefault("audio_s", duration)
+        segments = await self._infer(job, pool, wav, records, duration, timings)
+        job.stage = "finalizing"
+        result = build_result(
+            segments,
+            filename=job.filename,
+            model=job.model,
+            language=job.language,
+            duration=duration,
+            include_words=job.include_timestamps,
+            finished_at=utcnow_iso(),
+        )
+        result["job_id"] = job.id
+        return result
+
+    async def _convert(
+        self, job: Job, pool: InferencePool, workdir: Path, timings: dict[str, float]
+    ) -> list[SliceRecord]:
+        """Upload -> 16 kHz WAV -> slices, committed together; then the upload goes."""
+        settings = self.settings
+        upload, wav = workdir / UPLOAD, workdir / WAV
+        if not await asyncio.to_thread(upload.exists):
+            raise audio.AudioError(410, "audio_missing", "the job's upload is gone from the spool")
+        async with self._conversions:
+            await self._status(job, pool, PROCESSING, "converting")
+            t0 = time.perf_counter()
+            declared = await audio.probe_duration(upload, job.kind, ffprobe=settings.ffprobe)
+            if declared is not None and declared > settings.max_audio_seconds:
+                raise audio.AudioError(
+                    413,
+                    "audio_too_long",
+                    f"the audio is {declared:.0f} s long; this server accepts at most "
+                    f"{settings.max_audio_seconds:.0f} s",
+                )
+            if declared is not None:
+                self.admission.update(job.id, declared)
+            last_report = 0.0
+            reports: set[asyncio.Task[None]] = set()
+
+            def converted(seconds: float) -> None:
+                nonlocal last_report
+                if declared and seconds - last_report >= max(declared / 20, 0.5):
+                    last_report = seconds
+                    event = self._progress(
+                        job,
+                        CONVERT_SHARE * min(seconds / declared, 1.0),
+                        chunks_done=0,
+                        chunks_total=None,
+                        audio_done_s=0.0,
+                        audio_total_s=round(declared, 3),
+                        eta_s=None,
+                    )
+                    report = asyncio.ensure_future(self._emit(job, [event], progress=job.progress))
+                    reports.add(report)
+                    report.add_done_callback(reports.discard)
+
+            try:
+                duration = await audio.convert(
+                    upload,
+                    job.kind,
+                    wav,
+                    max_seconds=settings.max_audio_seconds,
+                    timeout=settings.convert_timeout_s,
+                    declared_s=declared,
+                    ffmpeg=settings.ffmpeg,
+                    on_progress=converted,
+                )
+            finally:
+                await asyncio.gather(*reports, return_exceptions=True)
+            timings["convert_s"] = time.perf_counter() - t0
+            timings["audio_s"] = duration
+        self.admission.update(job.id, duration)
+        await asyncio.to_thread(_fsync, wav)
+        slices = await asyncio.to_thread(chunking.plan_slices, wav, self.chunk_seconds(pool))
+        job.stage, job.duration_s = "transcribing", duration
+        self.active[job.id] = PROCESSING
+        events: list[EventSpec] = [
+            (
+                "status",
+                {
+                    "status": PROCESSING,
+                    "stage": "transcribing",
+                    "queue_position": pool.queue_position(job.id),
+                },
+            ),
+            self._progress(
+                job,
+                CONVERT_SHARE,
+                chunks_done=0,
+                chunks_total=len(slices),
+                audio_done_s=0.0,
+                audio_total_s=round(duration, 3),
+                eta_s=self._eta(pool, duration),
+            ),
+        ]
+        await self.store.add_slices(
+            job.id,
+            slices,
+            events,
+            status=PROCESSING,
+            stage="transcribing",
+            progress=job.progress,
+            duration_s=duration,
+        )
+        # The slices are committed: from here a restart resumes from the WAV.
+        await asyncio.to_thread(upload.unlink, missing_ok=True)
+        return await self.store.slices(job.id)
+
+    def chunk_seconds(self, pool: InferencePool) -> float:
+        if self.settings.chunk_seconds:
+            return self.settings.chunk_seconds
+        # CPU inference is slow per slice; short slices give steady progress. A GPU eats
+        # long slices at once and pays per call.
+        return 60.0 if str(pool.info.get("device", "cpu")).startswith("cuda") else 20.0
+
+    def _eta(self, pool: InferencePool, remaining_audio_s: float) -> float | None:
+        speed = pool.stats.speed
+        if not speed:
+            return None
+        backlog = pool.queued * self.chunk_seconds(pool)
+        return round((remaining_audio_s + backlog) / speed, 2)
+
+    async def _infer(
+        self,
+        job: Job,
+        pool: InferencePool,
+        wav: Path,
+        records: list[SliceRecord],
+        duration: float,
+        timings: dict[str, float],
+    ) -> list[dict[str, Any]]:
+        rate = pool.sample_rate
+        results: list[dict[str, Any] | None] = [
+            r.result if r.state == DONE else None for r in records
+        ]
+        waiting = [r for r in records if r.state != DONE]
+        queued_at = time.perf_counter()
+        futures = pool.submit(
+            job.id, [(r.idx, str(wav), r.start_frame, r.num_frames) for r in waiting]
+        )
+        index_of = {fut: r.idx for fut, r in zip(futures, waiting, strict=True)}
+        first_done: float | None = None
+        pending = set(futures)
+        try:
+            await self._publish_ready(
+                job, pool, records, results, duration, rate, pending, initial=True
+            )
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if first_done is None:
+                    first_done = time.perf_counter()
+                missing = False
+                for fut in done:
+                    value = fut.result()
+                    results[index_of[fut]] = value
+                    missing |= value is None
+                if missing:  # committed, but not by our call: read it back
+                    stored = await self.store.slices(job.id)
+                    for r in stored:
+                        if r.state == DONE and results[r.idx] is None:
+                            results[r.idx] = r.result
+                await self._publish_ready(job, pool, records, results, duration, rate, pending)
+        finally:
+            for fut in pending:
+                fut.cancel()
+        end = time.perf_counter()
+        timings["queue_s"] = (first_done or end) - queued_at
+        timings["inference_s"] = end - queued_at
+        segments = []
+        for r, result in zip(records, results, strict=True):
+            segments += slice_segments(result or {}, r.start_frame / rate, r.num_frames / rate)
+        return segments
+
+    async def _publish_ready(
+        self,
+        job: Job,
+        pool: InferencePool,
+        records: list[SliceRecord],
+        results: list[dict[str, Any] | None],
+        duration: float,
+        rate: int,
+        pending: set[Any],
+        initial: bool = False,
+    ) -> None:
+        """Segments of every slice now done, in file order (only once every earlier slice is
+        done), and a progress event; one atomic append with the record's counters."""
+        events: list[EventSpec] = []
+        emitted, segment_id = job.slices_emitted, job.segments_emitted
+        while emitted < len(records) and results[emitted] is not None:
+            r = records[emitted]
+            for seg in slice_segments(
+                results[emitted] or {}, r.start_frame / rate, r.num_frames / rate
+            ):
+                events.append(("segment", {"segment": {"id": segment_id, **seg}}))
+                segment_id += 1
+            emitted += 1
+        done = [r for r, res in zip(records, results, strict=True) if res is not None]
+        audio_done = sum(r.num_frames for r in done) / rate
+        self.admission.update(job.id, duration - audio_done)
+        if initial and not events:  # nothing new since the last event (a fresh or resumed job)
+            return
+        events.append(
+            self._progress(
+                job,
+                CONVERT_SHARE + (1 - CONVERT_SHARE) * audio_done / max(duration, 1e-9),
+                chunks_done=len(done),
+                chunks_total=len(records),
+                audio_done_s=round(audio_done, 3),
+                audio_total_s=round(duration, 3),
+                eta_s=self._eta(pool, duration - audio_done) if pending else 0.0,
+            )
+        )
+        await self._emit(
+            job,
+            events,
+            slices_emitted=emitted,
+            segments_emitted=segment_id,
+            progress=job.progress,
+        )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
