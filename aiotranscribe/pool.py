@@ -110,6 +110,8 @@ class InferencePool:
         self._inflight: list[SliceTask] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self._commits: asyncio.Queue[list[tuple[SliceTask, dict[str, Any]]]] = asyncio.Queue()
+        self._committer: asyncio.Task[None] | None = None
         self._draining = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -117,6 +119,7 @@ class InferencePool:
     def start(self) -> None:
         """Load the model in the background; the server answers meanwhile."""
         self._task = asyncio.create_task(self._supervise(), name=f"pool:{self.name}")
+        self._committer = asyncio.create_task(self._commit_loop(), name=f"commit:{self.name}")
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Take no new batch, let the batch in flight finish and commit (up to
@@ -125,12 +128,15 @@ class InferencePool:
         self.queue.changed.set()
         if drain_timeout > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), drain_timeout)
+                async with asyncio.timeout(drain_timeout):
+                    await self._idle.wait()
+                    await self._commits.join()
         self.state = STOPPED
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._committer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._fail(self.queue.remove_all(), None)
         await self._stop_worker()
 
@@ -291,26 +297,25 @@ class InferencePool:
 
     async def _run_batch(self, batch: list[SliceTask]) -> None:
         batch = [t for t in batch if not t.future.done()]
-        epochs = await self.store.lease_slices([t.key for t in batch], self.owner, LEASE_S)
-        live = []
-        for task in batch:
-            if task.key in epochs:
-                task.epoch = epochs[task.key]
-                live.append(task)
-            elif not task.future.done():  # done already, or its job ended
-                task.future.set_result(None)
-        if not live:
+        if not batch:
             return
         now = time.monotonic()
         self.stats.batches += 1
-        self.stats.max_batch_size = max(self.stats.max_batch_size, len(live))
-        self.stats.mixed_batches += len({t.job_id for t in live}) > 1
-        self.stats.queue_wait_s += sum(now - t.queued_at for t in live)
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(batch))
+        self.stats.mixed_batches += len({t.job_id for t in batch}) > 1
+        self.stats.queue_wait_s += sum(now - t.queued_at for t in batch)
+        # The lease is written while the model runs, not before: it is off the critical
+        # path, and a result is still only committed under a lease that landed first.
+        lease = asyncio.ensure_future(
+            self.store.lease_slices([t.key for t in batch], self.owner, LEASE_S)
+        )
         try:
-            results = await self._infer(live)
-        except WorkerCrashed:
-            raise
+            results = await self._infer(batch)
         except WorkerError as exc:
+            await asyncio.wait({lease})  # a requeue must see the leases
+            live = self._leased(batch, lease.result())
+            if isinstance(exc, WorkerCrashed) or not live:
+                raise
             if len(live) == 1:
                 log.error("slice_failed", model=self.name, job_id=live[0].job_id, error=exc.message)
                 self._fail(live, exc)
@@ -321,7 +326,29 @@ class InferencePool:
             for task in live:
                 await self._run_batch([task])
             return
-        await self._commit(live, results)
+        except BaseException:
+            lease.cancel()
+            raise
+        epochs = await lease
+        kept = [(t, r) for t, r in zip(batch, results, strict=True) if t.key in epochs]
+        self._leased(batch, epochs)
+        for task, _ in kept:
+            task.computed = True
+        # Committed by the committer task, in batch order, while the next batch runs.
+        self._commits.put_nowait(kept)
+
+    @staticmethod
+    def _leased(batch: list[SliceTask], epochs: dict[tuple[str, int], int]) -> list[SliceTask]:
+        """The slices whose lease landed, with their epoch; the others (done already, or
+        their job ended) resolve with None."""
+        live = []
+        for task in batch:
+            if task.key in epochs:
+                task.epoch = epochs[task.key]
+                live.append(task)
+            elif not task.future.done():
+                task.future.set_result(None)
+        return live
 
     async def _infer(self, tasks: list[SliceTask]) -> list[dict[str, Any]]:
         assert self.worker is not None
@@ -338,19 +365,32 @@ class InferencePool:
             self._on_batch(len(tasks), busy, audio)
         return results
 
-    async def _commit(self, tasks: list[SliceTask], results: list[dict[str, Any]]) -> None:
-        accepted = await self.store.commit_slices(
-            [(t.job_id, t.idx, t.epoch, r) for t, r in zip(tasks, results, strict=True)]
-        )
-        for task, result, ok in zip(tasks, results, accepted, strict=True):
-            if not ok:
-                self.stats.dropped_results += 1
-            if not task.future.done():
-                task.future.set_result(result if ok else None)
+    async def _commit_loop(self) -> None:
+        """Commit each batch's results (in batch order), then resolve their futures: a job
+        hears of a result only once it is in the store."""
+        while True:
+            done = await self._commits.get()
+            try:
+                accepted = await self.store.commit_slices(
+                    [(t.job_id, t.idx, t.epoch, r) for t, r in done]
+                )
+            except Exception:
+                log.exception("commit_failed", model=self.name, slices=len(done))
+                error = WorkerError("internal_error", "the result could not be stored")
+                self._fail([t for t, _ in done], error)
+            else:
+                for (task, result), ok in zip(done, accepted, strict=True):
+                    if not ok:
+                        self.stats.dropped_results += 1
+                    if not task.future.done():
+                        task.future.set_result(result if ok else None)
+            finally:
+                self._commits.task_done()
 
     async def _retry_or_fail(self, batch: list[SliceTask], exc: WorkerCrashed) -> None:
-        """Slices of a batch whose worker died go back with a new epoch, once."""
-        waiting = [t for t in batch if not t.future.done()]
+        """Slices of a batch whose worker died go back with a new epoch, once (those whose
+        result already came back are left to their commit)."""
+        waiting = [t for t in batch if not t.future.done() and not t.computed]
         try:
             await self.store.requeue_slices([t.key for t in waiting])
         except Exception:

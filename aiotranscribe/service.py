@@ -236,7 +236,9 @@ class TranscriptionService:
                 task.cancel(reason)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({task})
-                await asyncio.gather(*self._aux, return_exceptions=True)
+                # A job cancelled before its first step is ended by a helper task.
+                me = asyncio.current_task()
+                await asyncio.gather(*(t for t in self._aux if t is not me), return_exceptions=True)
             else:  # no task here (cancel raced the end of a stop): end it in the store
                 await self._end(job, CANCELLED, {"reason": reason}, {}, {})
         final = await self.store.get(job_id)
@@ -431,8 +433,14 @@ class TranscriptionService:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop every job still running without ending it (the next start resumes it);
-        watchers and waiting requests get ServerRestarting."""
+        watchers and waiting requests get ServerRestarting. A store that does not outlive
+        the process cannot resume anything: there, the jobs are cancelled instead."""
         self.draining = True
+        if not self.store.durable:
+            for job_id in list(self._tasks):
+                self._spawn(self.cancel(job_id, "server shutting down"))
+            if self._aux:
+                await asyncio.wait(list(self._aux), timeout=timeout)
         self.stopping.set()
         tasks = list(self._tasks.values())
         for task in tasks:

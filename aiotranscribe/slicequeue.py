@@ -24,6 +24,8 @@ class SliceTask:
     """Batches this slice was in when the worker died."""
     epoch: int = 0
     """The lease epoch its result must be committed with."""
+    computed: bool = False
+    """Its result is waiting to be committed."""
 
     @property
     def key(self) -> tuple[str, int]:

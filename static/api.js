@@ -222,7 +222,7 @@ export function followJob(jobId, { onEvent, onConnection = () => {} }) {
         timer = setTimeout(connect, RESTART_RETRY_MS);
         return;
       }
-      // Not terminal yet: the socket dropped (network, proxy, or 1001 on server restart).
+      // Not terminal yet: the socket dropped (network, proxy, or the server went away).
       // A socket that never opened may mean WebSockets are blocked on the way: poll instead.
       if (!opened && attempt >= 2) {
         startPolling();

@@ -284,7 +284,7 @@ function onJobEvent(jobId, event) {
       renderJobs();
       break;
     case "cancelled":
-      // The user's own cancel needs no reason; a shutdown ("server shutting down") does.
+      // The user's own cancel needs no reason; another (a client that left) does.
       $("stage").textContent =
         event.reason && event.reason !== "cancelled by client"
           ? `Cancelled: ${event.reason}.`

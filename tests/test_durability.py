@@ -213,17 +213,31 @@ async def test_sigterm_drains_short_jobs_and_keeps_long_ones(tmp_path, six_minut
         await server.close()
 
 
+async def sync_post(server: Server, path: Path) -> tuple[int, dict[str, str], Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{server.url}/transcribe", data=form(path)) as resp:
+            return resp.status, dict(resp.headers), await resp.json()
+
+
 async def test_sigterm_exit_time_is_bounded(tmp_path, six_minutes):
     """With a job that cannot finish in the budget the server exits within it (plus the
-    batch in flight and teardown)."""
+    batch in flight and teardown), and the sync request still waiting for that job gets
+    503 + Retry-After (its job is kept), not a 409 "cancelled"."""
     server = Server(tmp_path / "srv", "--chunk-seconds", "1", "--shutdown-timeout-s", "1")
     try:
         await server.start()
-        job_id = await submit(server, six_minutes)
-        await watch(server, job_id, until=lambda e: chunks_done(e) >= 1)
+        request = asyncio.create_task(sync_post(server, six_minutes))
+        async with asyncio.timeout(60):
+            while not (rows := db_rows(server, "SELECT id FROM jobs")):
+                await asyncio.sleep(0.1)
+        await watch(server, rows[0][0], until=lambda e: chunks_done(e) >= 1)
         took = await server.terminate()
         assert took < 10, took
+        status, headers, body = await request
+        assert status == 503 and body["code"] == "server_restarting", body
+        assert int(headers["Retry-After"]) >= 1
         assert "jobs_left_for_restart" in server.log_text()
+        assert db_rows(server, "SELECT status FROM jobs") == [("processing",)]
     finally:
         await server.close()
         for entry in server.spool.iterdir():

@@ -186,3 +186,21 @@ async def test_sync_client_disconnect_cancels_its_job(make_client, long_audio):
     job = await asyncio.wait_for(client.app[service_key].wait_done(job.id), 10)
     assert job.status == "cancelled"
     assert (await events_of(client, job.id))[-1]["reason"] == "client disconnected"
+
+
+async def test_shutdown_with_the_memory_store_cancels_what_cannot_resume(make_client, long_audio):
+    """``--store memory`` keeps nothing across a restart, so shutdown ends running jobs
+    with ``cancelled`` (a final answer) instead of 1012 (a promise to resume)."""
+    path, _ = long_audio
+    client = await make_client(
+        store="memory", chunk_seconds=5, batch_size=1, shutdown_timeout_s=0.2
+    )
+    job_id = await submit(client, path)
+    ws = await client.ws_connect(f"/jobs/{job_id}/events")
+    await wait_for(lambda: pool_of(client).stats.batches >= 1)
+    await client.server.app.shutdown()
+    events = [msg.json() async for msg in ws if msg.type == aiohttp.WSMsgType.TEXT]
+    assert events[-1]["type"] == "cancelled"
+    assert events[-1]["reason"] == "server shutting down"
+    assert ws.close_code == 1000
+    await ws.close()

@@ -404,3 +404,32 @@ def test_server_status_and_busy_message(
     page.click("#start")
     expect(page.locator("#error")).to_contain_text("could not be reached")
     assert problems == []
+
+
+def test_page_resumes_a_job_across_a_server_restart(
+    browser_factory: BrowserFactory, tmp_path: Path
+) -> None:
+    """SIGTERM while the page follows a long job: the page says the server is restarting,
+    and once it is back on the same address the job finishes on the page, every segment
+    once."""
+    args = ("--batch-size", "1", "--chunk-seconds", "4", "--shutdown-timeout-s", "0.5")
+    server = start_server(MODEL, tmp_path, *args)
+    try:
+        page, problems = open_page(browser_factory(), server)
+        page.set_input_files("#file", str(long_audio(tmp_path / "long.wav", minutes=2)))
+        page.click("#start")
+        wait_stage(page, "Transcribing…")
+        server.stop()  # the job is kept; its socket closes with 1012
+        expect(page.locator("#connection")).to_contain_text("restarting")
+        server = start_server(MODEL, tmp_path, *args, port=int(server.url.rsplit(":", 1)[1]))
+        wait_stage(page, "Done.")
+        expect(page.locator("#connection")).to_have_text("")
+        starts = page.evaluate(
+            "[...document.querySelectorAll('#transcript .segment')]"
+            ".map(e => Number(e.querySelector('[data-start]').dataset.start))"
+        )
+        # Every segment once, in time order: none lost or repeated across the restart.
+        assert len(starts) > 10 and starts == sorted(set(starts)), starts
+        assert problems == []
+    finally:
+        server.stop()

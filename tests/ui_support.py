@@ -63,7 +63,8 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self) -> None:
-        """SIGTERM (graceful shutdown: jobs cancelled, spool drained), then wait for it."""
+        """SIGTERM (drain, then stop: what still runs is kept for the next start), then wait
+        for it."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -74,11 +75,16 @@ class Server:
         self.log_file.close()
 
 
-def start_server(model: str, workdir: Path, *extra: str, timeout: float = 240.0) -> Server:
-    """Run ``python -m aiotranscribe serve`` and wait until /health says the model is loaded."""
-    port = free_port()
+def start_server(
+    model: str, workdir: Path, *extra: str, timeout: float = 240.0, port: int | None = None
+) -> Server:
+    """Run ``python -m aiotranscribe serve`` and wait until /health says the model is loaded.
+
+    Its spool and job store live in ``workdir``: start it again there (on the same ``port``)
+    to restart it on the same jobs."""
+    port = port or free_port()
     spool = workdir / "spool"
-    log_path = workdir / "server.log"
+    log_path = workdir / f"server-{port}-{time.monotonic_ns()}.log"
     log_file = log_path.open("wb")
     cmd = [
         sys.executable,
@@ -93,6 +99,8 @@ def start_server(model: str, workdir: Path, *extra: str, timeout: float = 240.0)
         "thread",
         "--spool-dir",
         str(spool),
+        "--data-dir",
+        str(workdir / "data"),
         "--log-format",
         "json",
         *extra,

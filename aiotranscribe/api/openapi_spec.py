@@ -336,7 +336,7 @@ ERROR_TEXT = {
     415: "The file is not audio this server accepts",
     422: "The audio could not be decoded",
     500: "The transcription failed",
-    503: "No model can take work now (loading, queue full, shutting down)",
+    503: "No model can take work now (loading, queue full, draining or restarting)",
 }
 
 
@@ -382,8 +382,10 @@ def websocket_description() -> str:
         "",
         "The subscriber first receives the job's history (or what follows `?after=SEQ`), then",
         "live events; after a terminal event (`completed`, `failed`, `cancelled`) the server",
-        "closes with 1000, on shutdown with 1001, and a consumer too slow to keep up with",
-        "1008. Every event has `type`, `job_id`, `seq` (1, 2, 3, ... per job) and `ts`.",
+        "closes with 1000. When the server stops first it closes with 1012 (service restart):",
+        "the job is kept; reconnect with `?after=<last seq>` once it is back. A consumer that",
+        "stops reading is closed with 1008. Every event has `type`, `job_id`, `seq` (1, 2,",
+        "3, ... per job) and `ts`.",
         "",
         "| type | extra fields |",
         "|---|---|",

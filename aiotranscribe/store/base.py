@@ -110,6 +110,8 @@ class JobStore(abc.ABC):
         self.notifier = Notifier()
 
     name = "base"
+    durable = True
+    """Whether jobs outlive the process (then shutdown leaves them for the next start)."""
 
     # -- lifetime ------------------------------------------------------------------------------
 

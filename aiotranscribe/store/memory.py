@@ -25,6 +25,7 @@ from aiotranscribe.store.base import (
 
 class MemoryStore(JobStore):
     name = "memory"
+    durable = False
 
     def __init__(self, ttl_s: float = 3600.0) -> None:
         super().__init__(ttl_s)

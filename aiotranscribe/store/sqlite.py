@@ -181,19 +181,29 @@ class SqliteStore(JobStore):
     ) -> None:
         touched: set[str] = set()
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        # Savepoints let one write fail alone in a group; a group of one needs none.
+        alone = len(work) == 1
         try:
             await db.execute("BEGIN IMMEDIATE")
             for op, fut in work:
-                await db.execute("SAVEPOINT op")
+                if not alone:
+                    await db.execute("SAVEPOINT op")
                 mine: set[str] = set()
                 try:
                     value = await op(db, mine)
                 except Exception as exc:  # this write fails alone; the others still commit
-                    await db.execute("ROLLBACK TO op")
-                    await db.execute("RELEASE op")
+                    if not alone:
+                        await db.execute("ROLLBACK TO op")
+                        await db.execute("RELEASE op")
+                    else:
+                        await db.execute("ROLLBACK")
+                        if not fut.done():
+                            fut.set_exception(exc)
+                        return
                     outcomes.append((fut, None, exc))
                     continue
-                await db.execute("RELEASE op")
+                if not alone:
+                    await db.execute("RELEASE op")
                 touched |= mine
                 outcomes.append((fut, value, None))
             await db.execute("COMMIT")
