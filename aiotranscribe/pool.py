@@ -314,8 +314,10 @@ class InferencePool:
         except WorkerError as exc:
             await asyncio.wait({lease})  # a requeue must see the leases
             live = self._leased(batch, lease.result())
-            if isinstance(exc, WorkerCrashed) or not live:
+            if isinstance(exc, WorkerCrashed):
                 raise
+            if not live:  # every job of the batch ended meanwhile: nobody to tell
+                return
             if len(live) == 1:
                 log.error("slice_failed", model=self.name, job_id=live[0].job_id, error=exc.message)
                 self._fail(live, exc)

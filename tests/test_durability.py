@@ -106,7 +106,7 @@ async def slow_upload(server: Server, path: Path, sent: asyncio.Event) -> None:
 
 async def test_kill_9_mid_job_and_mid_upload(tmp_path, long_audio):
     path, texts = long_audio
-    server = Server(tmp_path / "srv", "--chunk-seconds", "1", "--batch-size", "1")
+    server = Server(tmp_path / "srv", "--chunk-seconds", "2", "--batch-size", "1")
     try:
         await server.start()
         job_id = await submit(server, path)
