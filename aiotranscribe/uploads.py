@@ -159,13 +159,16 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
             await _stream_file(part, partial, limit, upload)
         elif part.filename is not None or part.name == FILE_FIELD:
             raise UploadError(400, "bad_request", "send exactly one file, in the 'file' part")
-        elif part.name:
+        else:
+            # Every other part is a field, named or not, and is read under the field limits:
+            # a part skipped unread would be drained by aiohttp without counting its bytes.
             fields_seen += 1
             if fields_seen > MAX_FIELDS:
                 raise UploadError(400, "bad_request", f"more than {MAX_FIELDS} form fields")
             value = await _read_field(part)
-            upload.fields[part.name] = value
-            upload.multi.setdefault(part.name, []).append(value)
+            if part.name:
+                upload.fields[part.name] = value
+                upload.multi.setdefault(part.name, []).append(value)
     if upload.path is None:
         raise UploadError(400, "missing_file", "no 'file' part in the form")
     await asyncio.to_thread(_publish, partial, upload.path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import form
+from tests.helpers import form, jobs_of
 
 HLS_PLAYLIST = (
     b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n"
@@ -141,3 +141,38 @@ async def test_too_many_form_fields(client, media):
     resp = await client.post("/transcribe", data=data)
     assert resp.status == 400
     assert "form fields" in (await resp.json())["detail"]
+
+
+@pytest.mark.parametrize("parts, part_kib", [(40, 1), (1, 30 * 1024)])
+async def test_unnamed_parts_cannot_bypass_the_upload_cap(make_client, voices, parts, part_kib):
+    """A chunked body: a small WAV, then parts without a name (40 small ones, or one of
+    30 MiB), with a 1 MiB cap. They were skipped without counting (answered 200); now every
+    part counts as a field: too many is a 400, a big one is a 400 at 4 KiB."""
+    client = await make_client(max_upload_mb=1)
+    boundary = "hardeningboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        'filename="hello.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+    ).encode() + voices["hello"].read_bytes()
+    unnamed = f"\r\n--{boundary}\r\nContent-Disposition: form-data\r\n\r\n".encode()
+    sent = 0
+
+    async def body():
+        nonlocal sent
+        yield head
+        for _ in range(parts):
+            yield unnamed
+            for _ in range(max(part_kib // 256, 1)):
+                chunk = bytes(min(part_kib, 256) * 1024)
+                sent += len(chunk)
+                yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    try:
+        resp = await client.post("/transcribe", data=body(), headers=headers)
+        assert resp.status == 400, await resp.text()
+        assert (await resp.json())["code"] in ("field_too_large", "bad_request")
+    except aiohttp.ClientError:
+        pass  # the server may close the connection while we are still sending
+    assert await jobs_of(client) == []

@@ -204,3 +204,12 @@ async def test_shutdown_with_the_memory_store_cancels_what_cannot_resume(make_cl
     assert events[-1]["reason"] == "server shutting down"
     assert ws.close_code == 1000
     await ws.close()
+
+
+async def test_events_after_must_be_a_seq(client, voices):
+    job_id = await submit(client, voices["hello"])
+    for bad in ("-1", "x", "1.5"):
+        resp = await client.get(f"/jobs/{job_id}/events?after={bad}")
+        assert resp.status == 400, bad
+        assert (await resp.json())["code"] == "bad_request"
+    await client.app[service_key].wait_done(job_id)

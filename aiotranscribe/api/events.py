@@ -41,7 +41,9 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     try:
         after = int(request.query.get("after", "0"))
     except ValueError:
-        raise ApiError(400, "bad_request", "after must be an integer event seq") from None
+        after = -1
+    if after < 0:
+        raise ApiError(400, "bad_request", "after must be an event seq: an integer, 0 or more")
     service = request.app[service_key]
     # No permessage-deflate: events are small, and aiohttp compresses big frames in an
     # executor, where they could interleave with heartbeat pings.
