@@ -12,17 +12,25 @@ import signal
 import sys
 from pathlib import Path
 
-from aiotranscribe.config import Settings, env_default
+from aiotranscribe.config import ENV_PREFIX, Settings, env_default
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the HTTP server")
     d = Settings()
+    # argparse checks ``choices`` only for values given on the command line, not for
+    # defaults: an env var is checked after parsing (see ``check_env_choices``).
+    env_choices: list[tuple[str, str, tuple[str, ...]]] = []
 
     def opt(flag: str, default: object, help: str, **kw: object) -> None:
         name = flag.lstrip("-")
         env = env_default(name)
         p.add_argument(flag, default=env if env is not None else default, help=help, **kw)  # type: ignore[arg-type]
+        choices = kw.get("choices")
+        if env is not None and isinstance(choices, list):
+            env_choices.append((name.replace("-", "_"), flag, tuple(choices)))
+
+    p.set_defaults(env_choices=env_choices)
 
     opt("--host", d.host, "address to bind (0.0.0.0 in a container)")
     opt("--port", d.port, "TCP port", type=int)
@@ -90,6 +98,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     opt("--log-level", d.log_level, "debug, info, warning, error")
     opt("--static-dir", str(d.static_dir), "web UI files served at /")
+    opt(
+        "--convert-timeout-s",
+        d.convert_timeout_s,
+        "wall-clock limit on one ffmpeg conversion, seconds",
+        type=float,
+    )
+    opt(
+        "--janitor-interval-s",
+        d.janitor_interval_s,
+        "how often the spool is swept and old jobs are deleted, seconds",
+        type=float,
+    )
     opt("--ffmpeg", d.ffmpeg, "ffmpeg binary")
     opt("--ffprobe", d.ffprobe, "ffprobe binary")
 
@@ -114,6 +134,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         admission_estimate_s=float(args.admission_estimate_s),
         job_ttl_s=float(args.job_ttl_s),
         shutdown_timeout_s=float(args.shutdown_timeout_s),
+        convert_timeout_s=float(args.convert_timeout_s),
+        janitor_interval_s=float(args.janitor_interval_s),
         static_dir=Path(args.static_dir),
         ffmpeg=args.ffmpeg,
         ffprobe=args.ffprobe,
@@ -184,6 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     add_client_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
+        for dest, flag, choices in args.env_choices:
+            if getattr(args, dest) not in choices:
+                env = ENV_PREFIX + dest.upper()
+                parser.error(
+                    f"{env} (for {flag}): invalid choice {getattr(args, dest)!r} "
+                    f"(choose from {', '.join(choices)})"
+                )
         serve(settings_from_args(args))
     else:
         from aiotranscribe.client import run_client
