@@ -380,4 +380,4 @@ async def test_a_recovered_job_whose_audio_is_gone_fails_clearly(make_client, se
     assert [e["type"] for e in events] == ["status", "status", "failed"]
     assert events[1]["recovered"] is True
     resp = await client.get(f"/jobs/{job.id}/result")
-    assert resp.status == 410 and (await resp.json())["code"] == "audio_missing"
+    assert resp.status == 409 and (await resp.json())["code"] == "audio_missing"

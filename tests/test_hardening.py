@@ -79,6 +79,13 @@ async def test_truncated_mp3_is_422(client, tmp_path, voices):
     assert resp.status == 422
     body = await resp.json()
     assert body["code"] == "truncated" and "cut short" in body["detail"]
+    # Asking for that job's result later is a stable 409 with the job's code, not a replay
+    # of the 422 the request got.
+    job_id = resp.headers.get("X-Job-ID") or (await jobs_of(client))[0].id
+    later = await client.get(f"/jobs/{job_id}/result")
+    assert later.status == 409
+    body = await later.json()
+    assert body["code"] == "truncated" and "cut short" in body["detail"]
 
 
 async def test_content_length_over_cap_is_refused_before_reading(make_client):

@@ -163,7 +163,12 @@ async def job_result(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "json")
     if fmt not in FORMATS:
         raise ApiError(400, "bad_request", f"format must be one of {', '.join(FORMATS)}")
-    if job.status in (FAILED, CANCELLED):
+    if job.status == FAILED:
+        # A stable answer about a finished job: the status the failing request got (422,
+        # 503...) belonged to that request, not to every later look at the job.
+        detail = f"the job failed: {job.error or 'no reason given'}"
+        return error_response(409, job.error_code or "failed", detail)
+    if job.status == CANCELLED:
         return job_error_response(job)
     if job.status != COMPLETED or job.result is None:
         raise ApiError(409, "not_ready", f"the job is {job.status}; the result is not ready yet")
