@@ -37,9 +37,6 @@ class Admission:
     def used(self, model: str) -> float:
         return sum(s for m, s in self._held.values() if m == model)
 
-    def jobs(self, model: str) -> int:
-        return sum(1 for m, _ in self._held.values() if m == model)
-
     def retry_after(self, model: str) -> int:
         """Whole seconds after which the model has likely worked off the excess."""
         speed = self._speed_of(model) or 10.0

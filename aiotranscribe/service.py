@@ -271,8 +271,6 @@ class TranscriptionService:
         except asyncio.CancelledError as exc:
             self._drop_slices(job)
             if job_id not in self._cancelling and self.stopping.is_set():
-                self.active.pop(job_id, None)
-                self.admission.release(job_id)
                 raise  # server stopping: the job stays as it is, for the next start
             reason = self._cancelling.pop(job_id, None) or (
                 str(exc.args[0]) if exc.args else "cancelled"

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import speech  # noqa: E402
-from tests.ui_support import free_port  # noqa: E402
+from tests.ui_support import free_port, serve_command  # noqa: E402
 
 
 def make_speech(seconds: float, workdir: Path, seed: int = 5) -> tuple[Path, list[str]]:
@@ -35,25 +35,7 @@ class Server:
         self.root = root or Path(tempfile.mkdtemp(prefix="bench-"))
         self.spool = self.root / "spool"
         self.data = self.root / "data"
-        self.args = [
-            sys.executable,
-            "-m",
-            "aiotranscribe",
-            "serve",
-            "--model",
-            model,
-            "--port",
-            str(self.port),
-            "--spool-dir",
-            str(self.spool),
-            "--data-dir",
-            str(self.data),
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-            *extra,
-        ]
+        self.args = serve_command(model, self.port, self.root, "--log-level", "warning", *extra)
 
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen(self.args, cwd=ROOT, start_new_session=True)

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +13,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import MODEL
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ui_support import free_port, serve_command
 
 
 class Server:
@@ -50,26 +43,11 @@ class Server:
         self.starts += 1
         self.root.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as out:
+            command = serve_command(
+                MODEL, self.port, self.root, "--device", "cpu", "--torch-threads", "1", *self.args
+            )
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "aiotranscribe",
-                "serve",
-                "--model",
-                MODEL,
-                "--port",
-                str(self.port),
-                "--spool-dir",
-                str(self.spool),
-                "--data-dir",
-                str(self.data),
-                "--device",
-                "cpu",
-                "--torch-threads",
-                "1",
-                "--log-format",
-                "json",
-                *self.args,
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,

@@ -38,6 +38,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def serve_command(model: str, port: int, root: Path, *extra: str) -> list[str]:
+    """``aiotranscribe serve`` on loopback ``port``, its spool and job store under ``root``
+    (start it again on the same root to restart it on the same jobs), JSON logs."""
+    return [
+        sys.executable,
+        "-m",
+        "aiotranscribe",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--spool-dir",
+        str(root / "spool"),
+        "--data-dir",
+        str(root / "data"),
+        "--log-format",
+        "json",
+        *extra,
+    ]
+
+
 @dataclass
 class Server:
     url: str
@@ -86,25 +108,7 @@ def start_server(
     spool = workdir / "spool"
     log_path = workdir / f"server-{port}-{time.monotonic_ns()}.log"
     log_file = log_path.open("wb")
-    cmd = [
-        sys.executable,
-        "-m",
-        "aiotranscribe",
-        "serve",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        "--executor",
-        "thread",
-        "--spool-dir",
-        str(spool),
-        "--data-dir",
-        str(workdir / "data"),
-        "--log-format",
-        "json",
-        *extra,
-    ]
+    cmd = serve_command(model, port, workdir, "--executor", "thread", *extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", proc, spool, log_path, log_file)

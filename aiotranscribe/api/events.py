@@ -86,8 +86,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             if ended:
                 break
         await _close(ws, reader, code, message)
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
+    except ConnectionResetError:
+        raise  # the peer went away: nothing to log or send
     except Exception:
         # After the upgrade an HTTP error answer would corrupt the stream: close instead.
         log.exception("events_socket_failed", job_id=job.id)

@@ -96,10 +96,6 @@ class Notifier:
         for job_id in list(self._waiters):
             self.notify(job_id)
 
-    @property
-    def watched(self) -> int:
-        return len(self._waiters)
-
 
 class JobStore(abc.ABC):
     """The protocol: every method is a coroutine and every write is atomic."""

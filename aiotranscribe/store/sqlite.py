@@ -100,9 +100,6 @@ class SqliteStore(JobStore):
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self.commits = 0
-        """Transactions committed (each may hold several writes)."""
-        self.writes = 0
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -215,8 +212,6 @@ class SqliteStore(JobStore):
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        self.commits += 1
-        self.writes += len(work)
         for fut, value, error in outcomes:
             if fut.done():  # the caller gave up; the write landed all the same
                 continue
