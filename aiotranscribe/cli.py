@@ -32,6 +32,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
     p.set_defaults(env_choices=env_choices)
 
+    def many(flag: str, help: str) -> None:
+        """A repeatable flag; its env var holds the values comma-separated."""
+        env = env_default(flag.lstrip("-"))
+        values = [v.strip() for v in env.split(",") if v.strip()] if env else []
+        p.add_argument(flag, action="append", default=None, help=help)
+        p.set_defaults(**{"env_" + flag.lstrip("-").replace("-", "_"): values})
+
     opt("--host", d.host, "address to bind (0.0.0.0 in a container)")
     opt("--port", d.port, "TCP port", type=int)
     opt(
@@ -110,6 +117,59 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "how often the spool is swept and old jobs are deleted, seconds",
         type=float,
     )
+    opt(
+        "--header-timeout-s",
+        d.header_timeout_s,
+        "how long a client may take to send request headers, seconds",
+        type=float,
+    )
+    opt(
+        "--upload-min-rate-kib-s",
+        d.upload_min_rate_kib_s,
+        "slowest accepted request body, KiB/s (then 408)",
+        type=float,
+    )
+    opt(
+        "--upload-grace-s",
+        d.upload_grace_s,
+        "seconds a body may lag behind the minimum rate",
+        type=float,
+    )
+    opt(
+        "--convert-min-timeout-s",
+        d.convert_min_timeout_s,
+        "floor of a conversion's wall-clock limit, seconds",
+        type=float,
+    )
+    opt(
+        "--ffmpeg-max-memory-mb",
+        d.ffmpeg_max_memory_mb,
+        "address-space limit of each ffmpeg/ffprobe process, MiB (0: none)",
+        type=float,
+    )
+    opt(
+        "--ffmpeg-max-cpu-s",
+        d.ffmpeg_max_cpu_s,
+        "CPU-time limit of each ffmpeg/ffprobe process, seconds (default: its wall limit)",
+        type=float,
+    )
+    many(
+        "--api-key",
+        "an accepted API key, 'key' or 'tenant=key' (repeatable; env: comma-separated)",
+    )
+    opt("--api-keys-file", d.api_keys_file, "file of API keys, one 'tenant key' per line")
+    opt(
+        "--metrics-access",
+        d.metrics_access,
+        "key (default: /metrics needs a key when keys are set) or open",
+        choices=["key", "open"],
+    )
+    many("--cors-origin", "an origin allowed to call the API from a browser (repeatable)")
+    many(
+        "--allowed-host",
+        "a Host name this server answers to (repeatable; default: the bind address, "
+        "and loopback names when bound to loopback; '*': any)",
+    )
     opt("--ffmpeg", d.ffmpeg, "ffmpeg binary")
     opt("--ffprobe", d.ffprobe, "ffprobe binary")
 
@@ -141,7 +201,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ffprobe=args.ffprobe,
         log_format=args.log_format,
         log_level=args.log_level,
+        header_timeout_s=float(args.header_timeout_s),
+        upload_min_rate_kib_s=float(args.upload_min_rate_kib_s),
+        upload_grace_s=float(args.upload_grace_s),
+        convert_min_timeout_s=float(args.convert_min_timeout_s),
+        ffmpeg_max_memory_mb=float(args.ffmpeg_max_memory_mb),
+        ffmpeg_max_cpu_s=float(args.ffmpeg_max_cpu_s) if args.ffmpeg_max_cpu_s else None,
+        api_keys=_many(args, "api_key"),
+        api_keys_file=Path(args.api_keys_file) if args.api_keys_file else None,
+        metrics_access=args.metrics_access,
+        cors_origins=_many(args, "cors_origin"),
+        allowed_hosts=_many(args, "allowed_host"),
     )
+
+
+def _many(args: argparse.Namespace, dest: str) -> tuple[str, ...]:
+    """A repeatable flag's values; its env var's when the flag was not given."""
+    given = getattr(args, dest)
+    return tuple(given if given is not None else getattr(args, "env_" + dest))
 
 
 def serve(settings: Settings) -> None:

@@ -16,6 +16,7 @@ ENV_PREFIX = "AIOTRANSCRIBE_"
 Executor = Literal["process", "thread"]
 StoreKind = Literal["sqlite", "memory"]
 Synchronous = Literal["full", "normal"]
+MetricsAccess = Literal["key", "open"]
 LogFormat = Literal["json", "console"]
 
 
@@ -98,6 +99,48 @@ class Settings:
     shutdown_timeout_s: float = 30.0
     """On SIGTERM, how long running jobs may go on before the server stops, in seconds
     (Kubernetes' default grace period). What is left resumes at the next start."""
+
+    header_timeout_s: float = 10.0
+    """How long a client may take to send a request's headers, in seconds; then the
+    connection is closed (slow-header clients cannot hold connections)."""
+
+    upload_min_rate_kib_s: float = 16.0
+    """Slowest accepted request body, in KiB/s averaged from the start of the body (after
+    ``upload_grace_s``). A slower upload gets 408 and its spool space is freed."""
+
+    upload_grace_s: float = 10.0
+    """Seconds a body may lag behind ``upload_min_rate_kib_s`` before it counts as too slow."""
+
+    convert_min_timeout_s: float = 60.0
+    """Floor of a conversion's wall-clock limit, in seconds; the limit grows with the audio's
+    declared length up to ``convert_timeout_s``."""
+
+    ffmpeg_max_memory_mb: float = 2048.0
+    """Address-space limit (RLIMIT_AS) of each ffmpeg/ffprobe process, in MiB; 0: none."""
+
+    ffmpeg_max_cpu_s: float | None = None
+    """CPU-time limit (RLIMIT_CPU) of each ffmpeg/ffprobe process, in seconds; None: the
+    process's wall-clock limit."""
+
+    api_keys: tuple[str, ...] = ()
+    """Accepted API keys, each ``key`` or ``tenant=key``. Empty (and no keys file): no key
+    is asked for. Keys with the same tenant see the same jobs; unnamed keys share the tenant
+    ``default``."""
+
+    api_keys_file: Path | None = None
+    """A file of API keys, one ``tenant key`` pair per line (``#`` comments)."""
+
+    metrics_access: MetricsAccess = "key"
+    """``key``: ``/metrics`` needs a key when keys are configured; ``open``: it never does."""
+
+    cors_origins: tuple[str, ...] = ()
+    """Origins (``https://app.example``) allowed to call the API from a browser, and to open
+    event WebSockets. Empty: same-origin only."""
+
+    allowed_hosts: tuple[str, ...] = ()
+    """``Host`` names this server answers to (DNS-rebinding guard). Empty: the bind address,
+    plus ``localhost`` and loopback addresses when bound to loopback, or any host when bound
+    to 0.0.0.0/::. ``*`` allows any."""
 
     log_format: LogFormat | None = None
     """``json`` or ``console``; None picks console on a TTY, JSON lines otherwise."""

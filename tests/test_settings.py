@@ -11,7 +11,12 @@ from aiotranscribe.cli import main
 from aiotranscribe.config import Settings
 
 # Settings whose flag is not just the field name with dashes.
-FLAG_OF = {"models": "--model"}
+FLAG_OF = {
+    "models": "--model",
+    "api_keys": "--api-key",
+    "cors_origins": "--cors-origin",
+    "allowed_hosts": "--allowed-host",
+}
 
 
 def serve_help() -> str:
