@@ -248,6 +248,10 @@ async def _serve(settings: Settings) -> None:
         app,
         handle_signals=False,
         shutdown_timeout=HANDLER_GRACE_S,
+        # The header deadline: aiohttp closes a connection that has not delivered a whole
+        # request head this long after it opened or after its previous answer (a request
+        # that is being handled is never cut by it).
+        keepalive_timeout=settings.header_timeout_s,
         access_log_format='%a "%r" %s %b %Tf',
     )
     await runner.setup()

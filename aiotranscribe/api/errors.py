@@ -14,6 +14,7 @@ from aiohttp import web
 
 from aiotranscribe.admission import QueueFull
 from aiotranscribe.audio import AudioError
+from aiotranscribe.metrics import CLIENT_CLOSED
 from aiotranscribe.pool import ModelUnavailable
 from aiotranscribe.service import JobGone, ServerRestarting, UnknownModel
 from aiotranscribe.uploads import UploadError
@@ -74,6 +75,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         for name in ("Allow", "Retry-After"):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
+    except ConnectionResetError:
+        # The client went away mid-request (the web page's own cancel does this): its
+        # business, not a server error. Nobody reads this answer; it is for the access log
+        # and the metrics.
+        log.info("client_closed", path=request.path)
+        return web.Response(status=CLIENT_CLOSED)
     except Exception as exc:
         api = to_api_error(exc)
         if api is None:
@@ -81,6 +88,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response = error_response(500, "internal_error", "internal server error")
         else:
             response = error_response(api.status, api.code, api.detail, api.headers)
-    if not response.prepared:
-        response.headers["X-Request-ID"] = request_id
+    if response.prepared:
+        return response
+    response.headers["X-Request-ID"] = request_id
+    if response.status >= 400 and request.body_exists and not request.content.is_eof():
+        await answer_and_close(request, response)
     return response
+
+
+async def answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send an error that was answered before the body was read (413, 408, 503...), then
+    close the connection at once. Otherwise aiohttp would go on reading and discarding the
+    rest of the body for its lingering time, at whatever speed the client sends it."""
+    response.force_close()  # "Connection: close"
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()

@@ -272,6 +272,8 @@ async def openai_error_middleware(request: web.Request, handler: Handler) -> web
         headers = {name: exc.headers[name] for name in kept if name in exc.headers}
         code = exc.reason.lower().replace(" ", "_")
         return error_response(ApiError(exc.status, code, text or exc.reason, headers))
+    except ConnectionResetError:
+        raise  # the client left: the general middleware counts it, nobody reads an answer
     except Exception as exc:
         api = to_api_error(exc)
         if api is None:

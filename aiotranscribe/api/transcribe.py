@@ -9,7 +9,8 @@ from typing import TypeVar
 import structlog
 from aiohttp import web
 
-from aiotranscribe.api.errors import ApiError, error_response
+from aiotranscribe.api.bodyrate import within_body_rate
+from aiotranscribe.api.errors import CLIENT_CLOSED, ApiError, error_response
 from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, Job
 from aiotranscribe.keys import service_key, settings_key
@@ -23,7 +24,6 @@ TRUE = {"true", "1", "yes", "on"}
 # How often a handler waiting on a job checks whether its client is still there
 # (aiohttp does not cancel handlers when a client disconnects).
 DISCONNECT_POLL_S = 1.0
-CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer"
 FALSE = {"false", "0", "no", "off"}
 
 
@@ -55,7 +55,12 @@ async def receive_submission(
     structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
         job_dir = await asyncio.to_thread(service.new_job_dir, job_id)
-        upload = await receive_upload(request, job_dir, settings.max_upload_bytes)
+        upload = await within_body_rate(
+            request,
+            receive_upload(request, job_dir, settings.max_upload_bytes),
+            settings.upload_min_rate_kib_s * 1024,
+            settings.upload_grace_s,
+        )
         if check is not None:
             check(upload)
         model = service.resolve_model(upload.fields.get("model"))
