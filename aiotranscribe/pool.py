@@ -31,7 +31,7 @@ import structlog
 
 from aiotranscribe.slicequeue import SliceQueue, SliceTask
 from aiotranscribe.store import JobStore
-from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError
+from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError, public_reason
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +104,10 @@ class InferencePool:
         self.worker: Worker | None = None
         self.state = LOADING
         self.error: str | None = None
+        """What went wrong last, for the log (may hold paths and exception text)."""
+        self.public_error: str | None = None
+        """The same, in words clients may see."""
+        self._reason = "worker_failed"
         self.info: dict[str, Any] = {}
         self.stats = PoolStats()
         self._task: asyncio.Task[None] | None = None
@@ -151,11 +155,13 @@ class InferencePool:
             if self.worker is None:
                 if not await self._load():
                     if not loaded_once:  # a model that never loads is a configuration error
-                        self._give_up(f"model {self.name!r} failed to load: {self.error}")
+                        self._give_up(
+                            f"model {self.name!r} failed to load: {public_reason(self._reason)}"
+                        )
                         return
                     failures += 1
                     if failures > self.max_restarts or not await self._stop_worker():
-                        self._give_up(f"the model worker could not be restarted: {self.error}")
+                        self._give_up(f"the model worker of {self.name!r} could not be restarted")
                         return
                     self.state = RESTARTING
                     await asyncio.sleep(self._backoff(failures))
@@ -171,7 +177,7 @@ class InferencePool:
                 self.error = exc.message
                 self.state = RESTARTING
                 if not await self._stop_worker():
-                    self._give_up(f"the crashed model worker could not be stopped: {self.error}")
+                    self._give_up(f"the crashed model worker of {self.name!r} could not be stopped")
                     return
             except Exception:
                 self.stats.batcher_restarts += 1
@@ -188,12 +194,12 @@ class InferencePool:
             self.worker = self._factory()
             self.info = await self.worker.load()
         except WorkerError as exc:
-            self.error = exc.message
+            self.error, self._reason = exc.message, exc.code
         except Exception as exc:  # e.g. OSError from Process.start()
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error, self._reason = f"{type(exc).__name__}: {exc}", "worker_failed"
         else:
             self.sample_rate = int(self.info.get("sample_rate", self.sample_rate))
-            self.state, self.error = READY, None
+            self.state, self.error, self.public_error = READY, None, None
             log.info("model_loaded", model=self.name, **self.info)
             return True
         log.error("model_load_failed", model=self.name, error=self.error)
@@ -212,10 +218,11 @@ class InferencePool:
             return False
         return True
 
-    def _give_up(self, message: str) -> None:
-        self.state, self.error = FAILED, message
-        log.error("pool_failed", model=self.name, error=message)
-        self._fail(self.queue.remove_all(), ModelUnavailable(message))
+    def _give_up(self, public: str) -> None:
+        """Fail for good: clients get ``public``; the log gets the detail too."""
+        self.state, self.public_error = FAILED, public
+        log.error("pool_failed", model=self.name, reason=public, error=self.error)
+        self._fail(self.queue.remove_all(), ModelUnavailable(public))
 
     @staticmethod
     def _fail(tasks: list[SliceTask], exc: Exception | None) -> None:
@@ -237,7 +244,7 @@ class InferencePool:
         if self.accepting:
             return
         if self.state == FAILED:
-            raise ModelUnavailable(self.error or f"model {self.name!r} failed")
+            raise ModelUnavailable(self.public_error or f"model {self.name!r} failed")
         if self.state == STOPPED:
             raise ModelUnavailable("the server is shutting down")
         raise ModelUnavailable(f"model {self.name!r} is still loading; try again shortly")

@@ -43,7 +43,7 @@ from aiotranscribe.jobs import (
 from aiotranscribe.pipeline import Pipeline
 from aiotranscribe.pool import InferencePool, ModelUnavailable
 from aiotranscribe.store import JobStore
-from aiotranscribe.workers import WorkerError
+from aiotranscribe.workers import WorkerError, public_reason
 
 log = structlog.get_logger(__name__)
 
@@ -281,12 +281,12 @@ class TranscriptionService:
         except ModelUnavailable as exc:
             await self._fail(job, 503, "model_unavailable", exc.detail, timings)
         except WorkerError as exc:
-            await self._fail(job, 500, exc.code, exc.message, timings)
-        except Exception as exc:
+            # The message can hold paths and exception text: the log gets it, clients the code.
+            log.error("job_worker_error", job_id=job.id, code=exc.code, error=exc.message)
+            await self._fail(job, 500, exc.code, public_reason(exc.code), timings)
+        except Exception:
             log.exception("job_crashed", job_id=job.id)
-            await self._fail(
-                job, 500, "internal_error", f"internal error: {type(exc).__name__}", timings
-            )
+            await self._fail(job, 500, "internal_error", "internal error", timings)
         finally:
             self._drop_slices(job)
 

@@ -17,6 +17,24 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
+# What clients are told of a worker error, by its code: never the message itself, which
+# can hold model paths, exception names and tracebacks (those go to the log).
+PUBLIC_REASONS = {
+    "model_not_found": "its .nemo file was not found",
+    "model_unreadable": "its .nemo file could not be restored",
+    "hub_unavailable": "it is not in the local Hugging Face/NGC cache and the hub cannot be "
+    "reached (serve a .nemo path instead)",
+    "device_unavailable": "the configured device is not available",
+    "inference_failed": "the model failed on this audio",
+    "worker_crashed": "the model worker process died",
+    "internal_error": "internal error",
+}
+
+
+def public_reason(code: str) -> str:
+    return PUBLIC_REASONS.get(code, "the model worker failed")
+
+
 class WorkerError(Exception):
     """The worker answered with an error (``code`` says which kind)."""
 
@@ -155,7 +173,7 @@ class ThreadWorker:
         try:
             return await loop.run_in_executor(self._io, self._locked, fn, *args)
         except ModelLoadError as exc:
-            raise WorkerError("model_load_failed", str(exc)) from exc
+            raise WorkerError(exc.code, str(exc)) from exc
         except RuntimeError as exc:
             if "after shutdown" in str(exc):
                 raise WorkerCrashed("the model thread is stopped") from exc

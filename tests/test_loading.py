@@ -59,13 +59,20 @@ async def test_unloadable_hub_model_is_503_with_reason(make_client, media):
     assert resp.status == 503
     detail = (await resp.json())["detail"]
     assert "failed to load" in detail and "hub" in detail and "Traceback" not in detail
+    # The reason in plain words; the exception (class, hub URL) only in the server log.
+    assert "Error" not in detail and "http" not in detail
+    assert "Error" not in health["models"][0]["error"]
 
 
-async def test_missing_nemo_file_is_503(make_client, media, tmp_path):
-    client = await make_client(models=(str(tmp_path / "nope.nemo"),))
+async def test_missing_nemo_file_is_503_without_its_path(make_client, media, tmp_path):
+    secret = tmp_path / "secret-models" / "nope.nemo"
+    client = await make_client(models=(str(secret),))
     resp = await client.post("/transcribe", data=form(media["wav"]))
     assert resp.status == 503
-    assert "not found" in (await resp.json())["detail"]
+    body = await resp.text()
+    assert "not found" in body
+    health = await (await client.get("/health")).text()
+    assert "secret-models" not in body and "secret-models" not in health
 
 
 def test_server_process_does_not_import_torch():

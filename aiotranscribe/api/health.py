@@ -23,7 +23,7 @@ async def health(request: web.Request) -> web.StreamResponse:
                 {
                     "name": pool.name,
                     "state": pool.state,
-                    "error": pool.error,
+                    "error": pool.public_error,
                     "device": pool.info.get("device"),
                     "queued_slices": pool.queued,
                 }

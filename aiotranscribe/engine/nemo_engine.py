@@ -22,7 +22,12 @@ MIN_SLICE_SECONDS = 1.0
 
 
 class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says why in plain words."""
+    """The model could not be loaded. The message says why for the operator's log (paths
+    included); ``code`` says it for clients (see ``workers.PUBLIC_REASONS``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def model_display_name(spec: str) -> str:
@@ -40,7 +45,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available here")
+        raise ModelLoadError(
+            "device_unavailable", f"device {device!r} requested but CUDA is not available here"
+        )
     return device
 
 
@@ -55,17 +62,18 @@ def _load_model(spec: str, device: str) -> Any:
     path = DEMO_MODEL if spec == "demo" else Path(spec)
     if spec == "demo" or spec.endswith(".nemo"):
         if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
+            raise ModelLoadError("model_not_found", f"model file not found: {path}")
         try:
             return ASRModel.restore_from(str(path), map_location=map_location)
         except Exception as exc:
-            raise ModelLoadError(f"could not restore {path}: {exc}") from exc
+            raise ModelLoadError("model_unreadable", f"could not restore {path}: {exc}") from exc
     try:
         return ASRModel.from_pretrained(spec, map_location=map_location)
     except Exception as exc:
         raise ModelLoadError(
+            "hub_unavailable",
             f"could not load {spec!r} from the Hugging Face/NGC hub or its local cache "
-            f"(no network and not cached? pass a .nemo path instead): {type(exc).__name__}: {exc}"
+            f"(no network and not cached? pass a .nemo path instead): {type(exc).__name__}: {exc}",
         ) from exc
 
 

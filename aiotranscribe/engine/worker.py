@@ -23,7 +23,7 @@ def handle(engine: NemoEngine, op: str, payload: Any) -> tuple[Any, ...]:
             return ("ok", engine.transcribe(payload))
         return ("error", "bad_request", f"unknown op {op!r}")
     except ModelLoadError as exc:
-        return ("error", "model_load_failed", str(exc))
+        return ("error", exc.code, str(exc))
     except Exception as exc:  # the parent logs it; the worker stays up for the next call
         return ("error", "inference_failed", f"{type(exc).__name__}: {exc}")
 
