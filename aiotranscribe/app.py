@@ -23,6 +23,7 @@ from aiohttp import web
 
 from aiotranscribe.admission import Admission
 from aiotranscribe.api import events, health, openai_compat, openapi, transcribe
+from aiotranscribe.api.access import Access
 from aiotranscribe.api.errors import error_middleware
 from aiotranscribe.api.pages import add_static_routes
 from aiotranscribe.config import Settings
@@ -89,7 +90,14 @@ def create_app(
     the server with a worker of one's own."""
     metrics = Metrics()
     # Metrics first, to count the answer the client gets; OpenAI's error shape inside.
-    middlewares = [metrics.middleware, error_middleware, openai_compat.openai_error_middleware]
+    # Access after errors, so its refusals carry a request id and are counted.
+    access = Access.from_settings(settings)
+    middlewares = [
+        metrics.middleware,
+        error_middleware,
+        access.middleware(),
+        openai_compat.openai_error_middleware,
+    ]
     app = web.Application(middlewares=middlewares, client_max_size=CLIENT_MAX_SIZE)
     if store is None:
         store = open_store(

@@ -294,7 +294,14 @@ def main(argv: list[str] | None = None) -> None:
                     f"{env} (for {flag}): invalid choice {getattr(args, dest)!r} "
                     f"(choose from {', '.join(choices)})"
                 )
-        serve(settings_from_args(args))
+        settings = settings_from_args(args)
+        from aiotranscribe.api.access import KeysFileError, load_keys
+
+        try:
+            load_keys(settings.api_keys, settings.api_keys_file)
+        except KeysFileError as exc:
+            parser.error(str(exc))
+        serve(settings)
     else:
         from aiotranscribe.client import run_client
 

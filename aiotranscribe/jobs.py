@@ -56,6 +56,8 @@ class Job:
     cancel_reason: str | None = None
     last_seq: int = 0
     """Seq of the job's newest event (kept by the store)."""
+    tenant: str | None = None
+    """The API key's tenant that submitted it (None without keys): only it may see the job."""
 
     @property
     def terminal(self) -> bool:

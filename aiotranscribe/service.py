@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +80,13 @@ class Submission:
     model: str
     language: str | None = None
     include_timestamps: bool = True
+    tenant: str | None = None
 
 
 def new_job_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits: ids are the only thing between a job and a stranger when no API keys
+    are configured."""
+    return secrets.token_hex(16)
 
 
 class TranscriptionService:
@@ -178,6 +181,7 @@ class TranscriptionService:
             language=sub.language,
             include_timestamps=sub.include_timestamps,
             upload_bytes=sub.size,
+            tenant=sub.tenant,
         )
 
         async def commit_and_start() -> Job:

@@ -6,6 +6,8 @@ Unexpected errors are logged with their traceback and answered 500 without it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -14,12 +16,18 @@ from aiohttp import web
 
 from aiotranscribe.admission import QueueFull
 from aiotranscribe.audio import AudioError
+from aiotranscribe.keys import settings_key
 from aiotranscribe.metrics import CLIENT_CLOSED
 from aiotranscribe.pool import ModelUnavailable
 from aiotranscribe.service import JobGone, ServerRestarting, UnknownModel
-from aiotranscribe.uploads import UploadError
+from aiotranscribe.uploads import FORM_OVERHEAD_BYTES, UploadError
 
 log = structlog.get_logger(__name__)
+
+# After an early refusal: statuses whose body is not worth reading further, and how long the
+# rest of another refused body may take to be read and dropped.
+CUT_AT_ONCE = frozenset({408, 413})
+LINGER_S = 10.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -97,10 +105,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
-    """Send an error that was answered before the body was read (413, 408, 503...), then
-    close the connection at once. Otherwise aiohttp would go on reading and discarding the
-    rest of the body for its lingering time, at whatever speed the client sends it."""
+    """Send an error that came before the body was read, then close the connection.
+
+    aiohttp would go on reading and discarding the rest of the body for its lingering time
+    (10 s), at whatever speed the client sends: gigabytes on a fast link. A body over the
+    cap (413) or too slow (408) is cut off at once. For other refusals (401, 403, 503...) a
+    client that sends its whole body before reading (most SDKs) would see a reset instead of
+    the answer, so up to what the upload cap allows is read and dropped first, for at most
+    ``LINGER_S``."""
     response.force_close()  # "Connection: close"
     await response.prepare(request)
     await response.write_eof()
+    budget = 0
+    if response.status not in CUT_AT_ONCE:
+        cap = request.app[settings_key].max_upload_bytes + FORM_OVERHEAD_BYTES
+        budget = cap - request.content.total_bytes
+    with contextlib.suppress(TimeoutError, ConnectionError, ValueError):
+        async with asyncio.timeout(LINGER_S):
+            while budget > 0 and (chunk := await request.content.readany()):
+                budget -= len(chunk)
     request.protocol.force_close()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
 from aiohttp import web
 
+from aiotranscribe.api.access import TENANT
 from aiotranscribe.api.bodyrate import within_body_rate
 from aiotranscribe.api.errors import CLIENT_CLOSED, ApiError, error_response
-from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render
+from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render_bytes
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, Job
 from aiotranscribe.keys import service_key, settings_key
+from aiotranscribe.rendered import cache_of, weight
 from aiotranscribe.service import JobGone, Submission, new_job_id
 from aiotranscribe.uploads import Upload, receive_upload
 
@@ -81,6 +84,7 @@ async def receive_submission(
         model=model,
         language=language,
         include_timestamps=include,
+        tenant=request.get(TENANT),
     )
     return job_id, submission, upload
 
@@ -104,10 +108,14 @@ async def until_gone(request: web.Request, awaitable: Awaitable[T]) -> tuple[boo
 
 
 async def get_job(request: web.Request) -> Job:
+    """The job the path names; 404 when unknown, expired, or another tenant's."""
     try:
-        return await request.app[service_key].get(request.match_info["job_id"])
+        job = await request.app[service_key].get(request.match_info["job_id"])
     except JobGone:
-        raise ApiError(404, "job_not_found", "no job with that id (unknown, or expired)") from None
+        job = None
+    if job is None or job.tenant != request.get(TENANT):
+        raise ApiError(404, "job_not_found", "no job with that id (unknown, or expired)")
+    return job
 
 
 async def wait_for_job(request: web.Request, job_id: str) -> Job | None:
@@ -159,7 +167,15 @@ async def transcribe_async(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/jobs/{job_id}/status")
 async def job_status(request: web.Request) -> web.StreamResponse:
-    return web.json_response((await get_job(request)).info())
+    job = await get_job(request)
+    if not job.terminal:
+        return web.json_response(job.info())
+    # A finished job's record no longer changes: its answer (with the result) is built once.
+    info = job.info()
+    body = await cache_of(request.app).get(
+        job.id, "status", lambda: json.dumps(info).encode(), weight(job.result)
+    )
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 @routes.get("/jobs/{job_id}/result")
@@ -177,10 +193,11 @@ async def job_result(request: web.Request) -> web.StreamResponse:
         return job_error_response(job)
     if job.status != COMPLETED or job.result is None:
         raise ApiError(409, "not_ready", f"the job is {job.status}; the result is not ready yet")
-    body = render(job.result, fmt)
-    if isinstance(body, dict):
-        return web.json_response(body)
-    return web.Response(text=body, content_type=CONTENT_TYPES[fmt], charset="utf-8")
+    result = job.result
+    body = await cache_of(request.app).get(
+        job.id, fmt, lambda: render_bytes(result, fmt), weight(result)
+    )
+    return web.Response(body=body, content_type=CONTENT_TYPES[fmt], charset="utf-8")
 
 
 @routes.post("/jobs/{job_id}/cancel")
