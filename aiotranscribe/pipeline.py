@@ -10,10 +10,14 @@ atomic append, so a job resumed after a crash neither repeats nor skips an event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+import structlog
 
 from aiotranscribe import audio, chunking
 from aiotranscribe.admission import Admission
@@ -28,7 +32,53 @@ from aiotranscribe.transcript import build_result, slice_segments
 CONVERT_SHARE = 0.1
 # Conversions at once: each is an ffmpeg process with its own CPU appetite.
 MAX_CONVERSIONS = 2
+# A conversion that has decoded nothing new for this long gives its slot to the next job
+# and runs on, outside the slots, until its own wall-clock limit: a hung decoder then costs
+# one idle process (and at most its CPU rlimit), not every other upload's turn. A working
+# ffmpeg reports progress every 0.25 s.
+SLOT_STALL_S = 3.0
 UPLOAD, WAV = "upload", "audio.wav"
+
+log = structlog.get_logger(__name__)
+
+
+class ConversionSlot:
+    """One of ``MAX_CONVERSIONS`` slots, held while a conversion makes progress."""
+
+    def __init__(self, slots: asyncio.Semaphore, job_id: str) -> None:
+        self._slots, self._job_id = slots, job_id
+        self._held = False
+        self._last = 0.0
+        self._watch: asyncio.Task[None] | None = None
+
+    def progressed(self) -> None:
+        self._last = time.monotonic()
+
+    async def __aenter__(self) -> ConversionSlot:
+        await self._slots.acquire()
+        self._held, self._last = True, time.monotonic()
+        self._watch = asyncio.create_task(self._watchdog())
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._watch is not None
+        self._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch
+        self._give_up()
+
+    def _give_up(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+    async def _watchdog(self) -> None:
+        while (idle := time.monotonic() - self._last) < SLOT_STALL_S:
+            await asyncio.sleep(SLOT_STALL_S - idle)
+        log.warning("conversion_stalled", job_id=self._job_id, slot="given up")
+        self._give_up()
 
 
 class Pipeline:
@@ -102,10 +152,13 @@ class Pipeline:
         upload, wav = workdir / UPLOAD, workdir / WAV
         if not await asyncio.to_thread(upload.exists):
             raise audio.AudioError(410, "audio_missing", "the job's upload is gone from the spool")
-        async with self._conversions:
+        limits = audio.Limits(settings.ffmpeg_max_memory_mb, settings.ffmpeg_max_cpu_s)
+        async with ConversionSlot(self._conversions, job.id) as slot:
             await self._status(job, pool, PROCESSING, "converting")
             t0 = time.perf_counter()
-            declared = await audio.probe_duration(upload, job.kind, ffprobe=settings.ffprobe)
+            declared = await audio.probe_duration(
+                upload, job.kind, ffprobe=settings.ffprobe, limits=limits
+            )
             if declared is not None and declared > settings.max_audio_seconds:
                 raise audio.AudioError(
                     413,
@@ -115,11 +168,14 @@ class Pipeline:
                 )
             if declared is not None:
                 self.admission.update(job.id, declared)
-            last_report = 0.0
+            last_report = furthest = 0.0
             reports: set[asyncio.Task[None]] = set()
 
             def converted(seconds: float) -> None:
-                nonlocal last_report
+                nonlocal last_report, furthest
+                if seconds > furthest:
+                    furthest = seconds
+                    slot.progressed()
                 if declared and seconds - last_report >= max(declared / 20, 0.5):
                     last_report = seconds
                     event = self._progress(
@@ -141,9 +197,12 @@ class Pipeline:
                     job.kind,
                     wav,
                     max_seconds=settings.max_audio_seconds,
-                    timeout=settings.convert_timeout_s,
+                    timeout=audio.conversion_limit(
+                        declared, settings.convert_min_timeout_s, settings.convert_timeout_s
+                    ),
                     declared_s=declared,
                     ffmpeg=settings.ffmpeg,
+                    limits=limits,
                     on_progress=converted,
                 )
             finally:
@@ -151,7 +210,12 @@ class Pipeline:
             timings["convert_s"] = time.perf_counter() - t0
             timings["audio_s"] = duration
         self.admission.update(job.id, duration)
-        await asyncio.to_thread(_fsync, wav)
+        try:
+            await asyncio.to_thread(_fsync, wav)
+        except OSError as exc:
+            if audio.out_of_space(exc):
+                raise audio.insufficient_storage() from None
+            raise
         slices = await asyncio.to_thread(chunking.plan_slices, wav, self.chunk_seconds(pool))
         job.stage, job.duration_s = "transcribing", duration
         self.active[job.id] = PROCESSING

@@ -8,6 +8,7 @@ follow). The result picks ffmpeg's demuxer with ``-f``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import BinaryIO
 
 # Sniffed kind -> ffmpeg demuxer name.
 DEMUXERS = {
@@ -22,6 +23,11 @@ DEMUXERS = {
 
 # Bytes needed to tell every allowed kind apart (two MPEG frame headers fit in this).
 SNIFF_BYTES = 8192
+
+# Chunks walked looking for a WAV's ``data`` chunk (fmt, LIST, bext... come first).
+MAX_RIFF_CHUNKS = 64
+# Data sizes that mean "unknown": written by recorders that stream and never seek back.
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
 
 _MP3_BITRATES = {
     # (mpeg1?, layer) -> kbit/s by index 1..14
@@ -100,4 +106,34 @@ def sniff(head: bytes) -> str | None:
         return "aac"
     if _two_frames(head, _mpeg_frame_length):
         return "mp3"
+    return None
+
+
+def wav_data_chunk(f: BinaryIO) -> tuple[int, int, int] | None:
+    """Where a RIFF/RF64 WAVE file's audio starts, how many bytes its ``data`` chunk
+    declares, and its bytes per second (0 if no ``fmt`` chunk came first).
+
+    None when the size is unknown (0 or all ones, or an RF64 file without ``ds64``) or no
+    ``data`` chunk header is found. ffprobe clamps a WAV's duration to the file size, so
+    only this header tells a cut-short WAV from a short one."""
+    head = f.read(12)
+    if len(head) < 12 or head[8:12] != b"WAVE":
+        return None
+    rf64 = head[:4] in (b"RF64", b"BW64")
+    long_size, byte_rate, pos = 0, 0, 12
+    for _ in range(MAX_RIFF_CHUNKS):
+        f.seek(pos)
+        header = f.read(8)
+        if len(header) < 8:
+            return None
+        chunk, size = header[:4], int.from_bytes(header[4:], "little")
+        if chunk == b"ds64" and size >= 16:
+            long_size = int.from_bytes(f.read(16)[8:16], "little")  # after the RIFF size
+        elif chunk == b"fmt " and size >= 16:
+            byte_rate = int.from_bytes(f.read(16)[8:12], "little")
+        elif chunk == b"data":
+            if rf64 and size == 0xFFFFFFFF:
+                size = long_size
+            return None if size in _UNKNOWN_SIZES else (pos + 8, size, byte_rate)
+        pos += 8 + size + (size & 1)  # chunks are padded to an even length
     return None

@@ -9,8 +9,10 @@ ever sees it. The client's file name is kept as metadata only, never used in a p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import aiofiles
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from aiotranscribe.audio import out_of_space
 from aiotranscribe.sniff import SNIFF_BYTES, sniff
 
 CHUNK_BYTES = 256 * 1024
@@ -82,6 +85,21 @@ async def _read_field(part: BodyPartReader) -> str:
     return data.decode("utf-8", "replace").strip()
 
 
+@contextlib.contextmanager
+def full_spool_is_507() -> Iterator[None]:
+    """A full spool is the client's answer (507), not a server bug (500 and a traceback)."""
+    try:
+        yield
+    except OSError as exc:
+        if out_of_space(exc):
+            raise UploadError(
+                507,
+                "insufficient_storage",
+                "the server has no disk space left for this upload; try again later",
+            ) from None
+        raise
+
+
 async def _stream_file(part: BodyPartReader, dest: Path, limit: int, upload: Upload) -> None:
     head = bytearray()
     async with aiofiles.open(dest, "wb") as out:
@@ -136,7 +154,8 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
 
     The file is written to ``upload.part``, fsynced, and renamed to ``upload`` only once the
     whole body was read, so ``upload`` is always complete. ``job_dir`` must exist. Raises
-    UploadError (400/413/415); the caller removes ``job_dir`` on any error.
+    UploadError (400/413/415; 507 when the spool's disk is full); the caller removes
+    ``job_dir`` on any error.
     """
     check_content_length(request, limit)
     if not request.content_type.startswith("multipart/"):
@@ -156,7 +175,8 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
         if part.name == FILE_FIELD and upload.path is None:
             upload.path = job_dir / "upload"
             upload.filename = clean_filename(part.filename)
-            await _stream_file(part, partial, limit, upload)
+            with full_spool_is_507():
+                await _stream_file(part, partial, limit, upload)
         elif part.filename is not None or part.name == FILE_FIELD:
             raise UploadError(400, "bad_request", "send exactly one file, in the 'file' part")
         else:
@@ -171,5 +191,6 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
                 upload.multi.setdefault(part.name, []).append(value)
     if upload.path is None:
         raise UploadError(400, "missing_file", "no 'file' part in the form")
-    await asyncio.to_thread(_publish, partial, upload.path)
+    with full_spool_is_507():
+        await asyncio.to_thread(_publish, partial, upload.path)
     return upload
