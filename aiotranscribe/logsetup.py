@@ -8,6 +8,7 @@ so every line has one shape, and context bound with ``bind_contextvars`` (``requ
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -42,12 +43,25 @@ def configure_logging(fmt: str | None = None, level: str = "info") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(redact_keys)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # NeMo configures its own handlers; keep its chatter out of ours unless it matters.
     for noisy in ("nemo_logger", "nemo", "lightning", "pytorch_lightning"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# API keys that clients put in a query string (download links, ``?api_key=``) or a
+# WebSocket subprotocol (``key.<key>``) stay out of the logs, aiohttp's included.
+KEY_PATTERN = re.compile(r"(api_key=|\bkey\.)[^&\s\"',\]]+")
+
+
+def redact_keys(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if "api_key=" in message or "key." in message:
+        record.msg, record.args = KEY_PATTERN.sub(r"\1REDACTED", message), ()
+    return True
 
 
 def _identity(_logger: Any, _name: str, event: Any) -> Any:

@@ -83,16 +83,49 @@ async function readError(response) {
   return explain(response.status, body, response.headers.get("Retry-After"));
 }
 
-async function getJson(url, options) {
-  let response;
-  try {
-    response = await fetch(url, { cache: "no-store", ...options });
-  } catch {
-    throw new ApiError("Cannot reach the server. Check the connection and try again.");
-  }
-  if (!response.ok) throw await readError(response);
-  return response.json();
+// A server started with API keys answers 401 without one. The page asks once, keeps the
+// key for this browser tab (sessionStorage, gone when the tab closes) and sends it as a
+// header; WebSockets, which cannot carry headers from a browser, offer it as a subprotocol.
+const KEY_STORE = "aiotranscribe.apiKey";
+
+export const apiKey = () => sessionStorage.getItem(KEY_STORE) || "";
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
 }
+
+/** Ask the person for a key; false when they decline. */
+function askForKey(wrong) {
+  const question = wrong
+    ? "That API key was not accepted. Enter a valid key:"
+    : "This server needs an API key. Enter yours:";
+  const key = window.prompt(question, "");
+  if (!key || !key.trim()) return false;
+  sessionStorage.setItem(KEY_STORE, key.trim());
+  return true;
+}
+
+async function getJson(url, options = {}) {
+  for (;;) {
+    let response;
+    try {
+      const headers = { ...authHeaders(), ...(options.headers || {}) };
+      response = await fetch(url, { cache: "no-store", ...options, headers });
+    } catch {
+      throw new ApiError("Cannot reach the server. Check the connection and try again.");
+    }
+    if (response.status === 401 && askForKey(Boolean(apiKey()))) continue;
+    if (response.status === 401) {
+      throw new ApiError("This server needs an API key.", { status: 401, code: "unauthorized" });
+    }
+    if (!response.ok) throw await readError(response);
+    return response.json();
+  }
+}
+
+/** Make sure requests carry a key the server accepts, if it wants one (asks on 401). */
+export const ensureKey = () => getJson("/v1/models");
 
 export const getHealth = () => getJson("/health");
 export const getStatus = (jobId) => getJson(`/jobs/${encodeURIComponent(jobId)}/status`);
@@ -101,7 +134,11 @@ export const cancelJob = (jobId) =>
   getJson(`/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST" });
 
 export function resultUrl(jobId, format) {
-  return `/jobs/${encodeURIComponent(jobId)}/result?format=${encodeURIComponent(format)}`;
+  const url = `/jobs/${encodeURIComponent(jobId)}/result?format=${encodeURIComponent(format)}`;
+  // A download link cannot send a header: the key rides in the query (the server keeps it
+  // out of its access log).
+  const key = apiKey();
+  return key ? `${url}&api_key=${encodeURIComponent(key)}` : url;
 }
 
 /**
@@ -118,6 +155,7 @@ export function uploadAudio(file, fields, onProgress) {
       if (value) form.append(name, value);
     }
     xhr.open("POST", "/transcribe/async");
+    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
     xhr.responseType = "json";
     xhr.upload.addEventListener("progress", (e) => {
       if (e.lengthComputable) onProgress(e.loaded / e.total);
@@ -194,7 +232,8 @@ export function followJob(jobId, { onEvent, onConnection = () => {} }) {
     const url = `${proto}//${location.host}${path}`;
     let opened = false;
     try {
-      ws = new WebSocket(url);
+      const key = apiKey();
+      ws = key ? new WebSocket(url, ["aiotranscribe", `key.${key}`]) : new WebSocket(url);
     } catch {
       startPolling();
       return;

@@ -5,6 +5,7 @@
 import {
   ApiError,
   cancelJob,
+  ensureKey,
   explainJobError,
   followJob,
   getResult,
@@ -459,5 +460,10 @@ if (!canRecord()) {
 }
 renderJobs();
 watchHealth($("server"), fillModels);
-refreshJobs();
-setInterval(refreshJobs, 10000);
+// A server with API keys: ask for one first, so the job list and uploads carry it.
+ensureKey()
+  .catch((err) => showError(err.message))
+  .finally(() => {
+    refreshJobs();
+    setInterval(refreshJobs, 10000);
+  });

@@ -433,3 +433,45 @@ def test_page_resumes_a_job_across_a_server_restart(
         assert problems == []
     finally:
         server.stop()
+
+
+def test_page_asks_for_an_api_key_and_uses_it(
+    server_factory: ServerFactory, browser_factory: BrowserFactory, tmp_path: Path
+) -> None:
+    """A server with keys: the page asks once (a wrong key is asked again), then uploads,
+    follows the job over the WebSocket (key as a subprotocol) and downloads with it."""
+    key = "ui-secret-key-123"
+    server = server_factory("--api-key", key, "--chunk-seconds", "4", "--batch-size", "1")
+    audio = utterances(UTTERANCES[:3], tmp_path / "keyed.wav")
+    browser = browser_factory()
+    context = browser.new_context(base_url=server.url, accept_downloads=True)
+    page = context.new_page()
+    answers = iter(["wrong-key", key])
+    asked: list[str] = []
+
+    def on_dialog(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept(next(answers))
+
+    page.on("dialog", on_dialog)
+    page.goto("/")
+    expect(page.locator("#server")).to_have_attribute("data-state", "ready")
+    page.wait_for_function("sessionStorage.getItem('aiotranscribe.apiKey') !== null")
+    page.wait_for_function(f"sessionStorage.getItem('aiotranscribe.apiKey') === '{key}'")
+    assert len(asked) == 2 and "not accepted" in asked[1], asked
+
+    page.set_input_files("#file", str(audio))
+    page.evaluate(WATCH)
+    page.click("#start")
+    wait_stage(page, "Done.")
+    log = page.evaluate("window.__log")
+    jobs = [e["job"] for e in log if e["what"] == "job"]
+    assert len({v for v in jobs if 0 < v < 1}) >= 1, "no live progress over the socket"
+    expect(page.locator("#connection")).to_have_text("")
+    with page.expect_download() as info:
+        page.click("#dl-text")
+    assert Path(info.value.path()).read_text(encoding="utf-8").strip() == " ".join(UTTERANCES[:3])
+    # Without the key the server refuses, and the key never reaches the access log.
+    status, _ = server.get("/jobs/0/status")
+    assert status == 401
+    assert key not in server.log_tail(400) and "api_key=REDACTED" in server.log_tail(400)
