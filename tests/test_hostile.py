@@ -90,7 +90,7 @@ def head(path: str = "/transcribe/async", length: int | None = None) -> bytes:
 
 def file_part_start() -> bytes:
     return (
-        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
         "Content-Type: audio/wav\r\n\r\n"
     ).encode() + b"RIFF\x00\x00\x00\x00WAVEfmt "
 
@@ -146,7 +146,7 @@ async def test_connection_closes_right_after_413(server, voices):
 
 async def test_aborted_upload_is_a_client_close_not_a_server_error(server, voices):
     before = await metrics_of(server)
-    reader, writer = await connect(server)
+    _reader, writer = await connect(server)
     writer.write(head(length=500_000) + file_part_start() + bytes(5000))
     await writer.drain()
     await asyncio.sleep(0.5)
@@ -238,4 +238,116 @@ async def test_slowloris_does_not_starve_the_server(server, voices):
     p99 = statistics.quantiles(latencies, n=100)[98]
     assert p99 < 0.05, f"/health p99 {p99 * 1000:.1f} ms under slowloris"
     assert max(closed_after) < max(HEADER_TIMEOUT_S, GRACE_S) + 3, max(closed_after)
+    await assert_unharmed(server, voices["hello"])
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_soak_mixed_traffic(server, voices, media):
+    """300 mixed requests, 8 at a time: good files (sync, async + WebSocket, OpenAI), bad
+    files, cancels, uploads past the cap, aborted uploads, unknown jobs. No 5xx, an empty
+    spool, and the server's RSS grows less than 10 % (measured after a warm-up round)."""
+    wav = voices["hello"].read_bytes()
+    junk = bytes(range(256)) * 400
+    mp3 = media["mp3"].read_bytes()
+
+    async def good_sync(s: aiohttp.ClientSession) -> int:
+        async with s.post(server.url + "/transcribe", data=form(data=wav, filename="a.wav")) as r:
+            return r.status
+
+    async def good_async_followed(s: aiohttp.ClientSession) -> int:
+        async with s.post(
+            server.url + "/transcribe/async", data=form(data=wav, filename="a.wav")
+        ) as r:
+            job_id = (await r.json())["job_id"]
+        async with s.ws_connect(f"{server.url}/jobs/{job_id}/events") as ws:
+            last = [m.json()["type"] async for m in ws if m.type == aiohttp.WSMsgType.TEXT][-1]
+        assert last == "completed", last
+        return r.status
+
+    async def cancelled(s: aiohttp.ClientSession) -> int:
+        async with s.post(
+            server.url + "/transcribe/async", data=form(data=mp3, filename="a.mp3")
+        ) as r:
+            job_id = (await r.json())["job_id"]
+        async with s.post(f"{server.url}/jobs/{job_id}/cancel") as c:
+            return c.status
+
+    async def openai_route(s: aiohttp.ClientSession) -> int:
+        data = form(data=wav, filename="a.wav", model="demo")
+        async with s.post(server.url + "/v1/audio/transcriptions", data=data) as r:
+            return r.status
+
+    async def bad_file(s: aiohttp.ClientSession) -> int:
+        async with s.post(server.url + "/transcribe", data=form(data=junk, filename="x.mp3")) as r:
+            return r.status
+
+    async def truncated(s: aiohttp.ClientSession) -> int:
+        data = form(data=mp3[: len(mp3) // 3], filename="t.mp3")
+        async with s.post(server.url + "/transcribe", data=data) as r:
+            return r.status
+
+    async def over_cap(s: aiohttp.ClientSession) -> int:
+        data = form(data=bytes(2 * 1024 * 1024), filename="big.wav")
+        try:
+            async with s.post(server.url + "/transcribe/async", data=data) as r:
+                return r.status
+        except aiohttp.ClientError:
+            return 413  # cut off while still sending: the connection ends right after the 413
+
+    async def aborted(_s: aiohttp.ClientSession) -> int:
+        _reader, writer = await connect(server)
+        writer.write(head(length=400_000) + file_part_start() + bytes(20_000))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+        return 499
+
+    async def unknown_job(s: aiohttp.ClientSession) -> int:
+        async with s.get(f"{server.url}/jobs/{'0' * 32}/result") as r:
+            return r.status
+
+    kinds = [
+        good_sync,
+        good_async_followed,
+        cancelled,
+        openai_route,
+        bad_file,
+        truncated,
+        over_cap,
+        aborted,
+        unknown_job,
+        good_sync,
+    ]
+
+    async def run(count: int) -> list[tuple[str, int]]:
+        gate = asyncio.Semaphore(8)
+        async with aiohttp.ClientSession() as session:
+
+            async def one(i: int) -> tuple[str, int]:
+                kind = kinds[i % len(kinds)]
+                async with gate:
+                    return kind.__name__, await kind(session)
+
+            return await asyncio.gather(*(one(i) for i in range(count)))
+
+    await run(30)  # warm-up: first-use allocations are not growth
+    await asyncio.sleep(1)
+    before = rss_kib(server.proc.pid)
+    outcomes = await run(300)
+    await asyncio.sleep(1)
+    after = rss_kib(server.proc.pid)
+    errors = [(name, status) for name, status in outcomes if status >= 500]
+    assert errors == []
+    assert {status for name, status in outcomes if name == "bad_file"} == {415}
+    assert {status for name, status in outcomes if name == "truncated"} == {422}
+    assert {status for name, status in outcomes if name == "unknown_job"} == {404}
+    growth = (after - before) / before
+    print(f"soak: RSS {before / 1024:.0f} MiB -> {after / 1024:.0f} MiB ({growth:+.1%})")
+    assert growth < 0.10, f"RSS grew {growth:.1%}"
     await assert_unharmed(server, voices["hello"])
