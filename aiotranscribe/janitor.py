@@ -39,7 +39,12 @@ def new_job_dir(spool: Path, job_id: str) -> Path:
         raise ValueError(f"not a job id: {job_id!r}")
     path = spool / job_id
     path.mkdir(parents=True)
-    (path / MARKER).write_text(job_id)
+    try:
+        (path / MARKER).write_text(job_id)
+    except OSError:
+        # Unmarked, the directory would never be swept: remove it now (e.g. a full disk).
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     return path
 
 

@@ -8,6 +8,7 @@ cannot be made to hang or spin on demand.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import stat
 import struct
 import subprocess
@@ -120,6 +121,27 @@ async def test_upload_larger_than_the_free_disk_is_507(small_spool, make_client,
     assert body["code"] == "insufficient_storage"
     assert str(small_spool) not in body["detail"]
     await spool_settles_empty(small_spool)
+    await still_serving(client, voices)
+    await spool_settles_empty(small_spool)
+
+
+async def test_a_spool_already_full_is_507_and_leaves_no_directory(
+    small_spool, make_client, voices
+):
+    """Full before the request: even the job directory's marker cannot be written."""
+    client = await make_client()
+    # Fill the tmpfs to the last byte with a file that is not in a job directory (so the
+    # janitor leaves it alone and the spool check below ignores it).
+    with contextlib.suppress(OSError), (small_spool / "filler").open("wb") as out:
+        while True:
+            out.write(bytes(64 * 1024))
+            out.flush()
+    resp = await client.post("/transcribe", data=form(voices["hello"]))
+    body = await resp.json()
+    assert resp.status == 507, body
+    assert body["code"] == "insufficient_storage"
+    assert sorted(p.name for p in small_spool.iterdir()) == ["filler"]
+    (small_spool / "filler").unlink()
     await still_serving(client, voices)
     await spool_settles_empty(small_spool)
 

@@ -18,7 +18,7 @@ from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, Job
 from aiotranscribe.keys import service_key, settings_key
 from aiotranscribe.rendered import cache_of, weight
 from aiotranscribe.service import JobGone, Submission, new_job_id
-from aiotranscribe.uploads import Upload, receive_upload
+from aiotranscribe.uploads import Upload, full_spool_is_507, receive_upload
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
@@ -57,7 +57,8 @@ async def receive_submission(
     service.admit(job_id, service.resolve_model(hinted) if hinted else None)
     structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
-        job_dir = await asyncio.to_thread(service.new_job_dir, job_id)
+        with full_spool_is_507():
+            job_dir = await asyncio.to_thread(service.new_job_dir, job_id)
         upload = await within_body_rate(
             request,
             receive_upload(request, job_dir, settings.max_upload_bytes),
