@@ -6,6 +6,7 @@ without punctuation gives one per slice) is cut at pauses between its words, the
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -121,3 +122,9 @@ def render(result: dict[str, Any], fmt: str) -> str | dict[str, Any]:
     if fmt == "vtt":
         return to_vtt(result)
     raise ValueError(fmt)
+
+
+def render_bytes(result: dict[str, Any], fmt: str) -> bytes:
+    """The body of a ``fmt`` answer, encoded (JSON as ``web.json_response`` writes it)."""
+    body = render(result, fmt)
+    return (json.dumps(body) if isinstance(body, dict) else body).encode()

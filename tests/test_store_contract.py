@@ -76,6 +76,10 @@ async def test_events_are_contiguous_under_concurrent_appends(store):
     assert [e["seq"] for e in events] == list(range(1, 102))
     assert all(e["job_id"] == job.id and e["ts"] for e in events)
     assert [e["seq"] for e in await store.events_after(job.id, 99)] == [100, 101]
+    # A long history is read in pages.
+    assert [e["seq"] for e in await store.events_after(job.id, 10, limit=3)] == [11, 12, 13]
+    assert [e["seq"] for e in await store.events_after(job.id, 100, limit=3)] == [101]
+    assert await store.events_after(job.id, 101, limit=3) == []
     record = await store.get(job.id)
     assert record is not None and record.last_seq == 101
 

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from aiotranscribe.api.errors import ApiError, Handler, to_api_error
+from aiotranscribe.api.streamlimits import limits_of
 from aiotranscribe.api.transcribe import (
     CLIENT_CLOSED,
     parse_bool,
@@ -29,9 +30,10 @@ from aiotranscribe.api.transcribe import (
     until_gone,
     wait_for_job,
 )
-from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render, to_verbose_json
+from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render_bytes, to_verbose_json
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, TERMINAL, Job
 from aiotranscribe.keys import pools_key, service_key
+from aiotranscribe.rendered import build, weight
 from aiotranscribe.service import ServerRestarting
 from aiotranscribe.uploads import Upload
 
@@ -125,14 +127,16 @@ async def create_transcription(request: web.Request) -> web.StreamResponse:
     job = await wait_for_job(request, job_id)
     if job is None:
         return web.Response(status=CLIENT_CLOSED)  # nobody is there to read it
-    return answer(job, options)
+    return await answer(job, options)
 
 
 def usage(result: dict[str, Any]) -> dict[str, Any]:
     return {"type": "duration", "seconds": result.get("duration", 0.0)}
 
 
-def answer(job: Job, options: Options) -> web.Response:
+async def answer(job: Job, options: Options) -> web.Response:
+    """The finished job in the asked shape. Each job is answered once here, so nothing is
+    cached; a big result is still rendered off the loop."""
     if job.status != COMPLETED or job.result is None:
         raise job_error(job)
     result, fmt = job.result, options.response_format
@@ -141,11 +145,19 @@ def answer(job: Job, options: Options) -> web.Response:
         return web.json_response({"text": result["text"], "usage": usage(result)}, headers=headers)
     if fmt == "verbose_json":
         wanted = options.granularities or ("segment",)  # OpenAI's default
-        body = to_verbose_json(result, words="word" in wanted, segments="segment" in wanted)
-        return web.json_response({**body, "usage": usage(result)}, headers=headers)
-    text = render(result, fmt)
-    assert isinstance(text, str)
-    return web.Response(text=text, content_type=CONTENT_TYPES[fmt], headers=headers)
+
+        def verbose() -> bytes:
+            body = to_verbose_json(result, words="word" in wanted, segments="segment" in wanted)
+            return json.dumps({**body, "usage": usage(result)}).encode()
+
+        body = await build(verbose, weight(result))
+        return web.Response(
+            body=body, content_type="application/json", charset="utf-8", headers=headers
+        )
+    text = await build(lambda: render_bytes(result, fmt), weight(result))
+    return web.Response(
+        body=text, content_type=CONTENT_TYPES[fmt], charset="utf-8", headers=headers
+    )
 
 
 def job_error(job: Job) -> ApiError:
@@ -159,8 +171,14 @@ def job_error(job: Job) -> ApiError:
 
 
 async def stream_transcript(request: web.Request, job_id: str) -> web.StreamResponse:
-    """Server-sent events of the job's text; the job is cancelled if the client leaves."""
+    """Server-sent events of the job's text; the job is cancelled if the client leaves.
+
+    While the job has nothing to say (converting, queued, a long slice) a ``: keep-alive``
+    comment goes out every ``sse_keepalive_s``, so a proxy's idle timeout does not cut the
+    stream; SSE parsers (the OpenAI SDK's included) skip comments."""
     service = request.app[service_key]
+    keepalive_s = limits_of(request.app).sse_keepalive_s
+    loop = asyncio.get_running_loop()
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -171,22 +189,34 @@ async def stream_transcript(request: web.Request, job_id: str) -> web.StreamResp
     finished = False
     try:
         await response.prepare(request)
+        # The headers count as the first thing sent.
+        quiet_since = loop.time()
+
+        def wait_s() -> float:
+            return max(quiet_since + keepalive_s - loop.time(), 0.0)
+
         said = False
-        async with contextlib.aclosing(follow(request, job_id)) as events:
+        async with contextlib.aclosing(follow(request, job_id, wait_s)) as events:
             async for event in events:
-                if event["type"] == "segment":
+                kind = event["type"]
+                if kind == "segment":
                     text = event["segment"]["text"]
                     delta = f" {text}" if said else text  # deltas add up to the final text
                     said = True
                     await send(response, {"type": "transcript.text.delta", "delta": delta})
-                elif event["type"] == COMPLETED:
+                elif kind == COMPLETED:
                     done = {"type": "transcript.text.done", "text": event["result"]["text"]}
                     await send(response, done)
-                elif event["type"] in (FAILED, CANCELLED):
+                elif kind in (FAILED, CANCELLED):
                     api = job_error(await service.get(job_id))
                     body = error_body(api.status, api.code, api.detail, param_of(api))
                     await send(response, {"type": "error", **body})
-                finished = event["type"] in TERMINAL
+                elif loop.time() - quiet_since >= keepalive_s:
+                    await response.write(KEEPALIVE)  # status, progress or QUIET: nothing said
+                else:
+                    continue
+                quiet_since = loop.time()
+                finished = kind in TERMINAL
         if not finished and service.stopping.is_set():
             body = error_body(503, "server_restarting", "the server is restarting", None)
             await send(response, {"type": "error", **body})
@@ -199,24 +229,33 @@ async def stream_transcript(request: web.Request, job_id: str) -> web.StreamResp
     return response
 
 
+KEEPALIVE = b": keep-alive\n\n"
+QUIET = {"type": "quiet"}  # what ``follow`` yields when the wait for events timed out
+
+
 async def send(response: web.StreamResponse, data: dict[str, Any]) -> None:
     await response.write(f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
 
 
-async def follow(request: web.Request, job_id: str) -> AsyncGenerator[dict[str, Any]]:
-    """The job's events in order, history first, up to its terminal one; ends early when the
-    client goes away or the server stops."""
+async def follow(
+    request: web.Request, job_id: str, wait_s: Callable[[], float]
+) -> AsyncGenerator[dict[str, Any]]:
+    """The job's events in order, history first, up to its terminal one; ``QUIET`` when
+    ``wait_s()`` seconds pass without one. Ends early when the client goes away or the
+    server stops."""
     service = request.app[service_key]
     last = 0
     while True:
         try:
             present, events = await until_gone(
-                request, service.next_events(job_id, last, timeout=30.0)
+                request, service.next_events(job_id, last, timeout=wait_s())
             )
         except ServerRestarting:
             return
         if not present:
             return
+        if not events:
+            yield QUIET
         for event in events or []:
             last = event["seq"]
             yield event

@@ -150,7 +150,11 @@ class JobStore(abc.ABC):
         Returns the event, or None when the job had already ended."""
 
     @abc.abstractmethod
-    async def events_after(self, job_id: str, seq: int) -> list[dict[str, Any]]: ...
+    async def events_after(
+        self, job_id: str, seq: int, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The events after ``seq`` in order; at most ``limit`` of them (a reader pages
+        through a long history instead of holding it all at once)."""
 
     @abc.abstractmethod
     async def request_cancel(self, job_id: str, reason: str) -> Job | None:

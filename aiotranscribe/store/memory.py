@@ -4,6 +4,7 @@ events are copied in and out, so callers can no more change stored state than wi
 
 from __future__ import annotations
 
+import bisect
 import copy
 import time
 from typing import Any
@@ -110,9 +111,15 @@ class MemoryStore(JobStore):
         job.status, job.finished_at = status, time.time()
         return self._append(job, [(status, fields)])[0]
 
-    async def events_after(self, job_id: str, seq: int) -> list[dict[str, Any]]:
+    async def events_after(
+        self, job_id: str, seq: int, limit: int | None = None
+    ) -> list[dict[str, Any]]:
         self._check()
-        return [copy.deepcopy(e) for e in self._events.get(job_id, ()) if e["seq"] > seq]
+        events = self._events.get(job_id, [])
+        # Seqs are in order: find the first one past ``seq`` without scanning the history.
+        start = bisect.bisect_right(events, seq, key=lambda e: e["seq"])
+        end = len(events) if limit is None else start + limit
+        return [copy.deepcopy(e) for e in events[start:end]]
 
     async def request_cancel(self, job_id: str, reason: str) -> Job | None:
         self._check()

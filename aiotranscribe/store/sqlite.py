@@ -243,9 +243,12 @@ class SqliteStore(JobStore):
         )
         return [Job.from_dict(json.loads(r[0])) for r in rows]
 
-    async def events_after(self, job_id: str, seq: int) -> list[dict[str, Any]]:
+    async def events_after(
+        self, job_id: str, seq: int, limit: int | None = None
+    ) -> list[dict[str, Any]]:
         rows = await self._rows(
-            "SELECT body FROM events WHERE job_id=? AND seq>? ORDER BY seq", (job_id, seq)
+            "SELECT body FROM events WHERE job_id=? AND seq>? ORDER BY seq LIMIT ?",
+            (job_id, seq, -1 if limit is None else limit),  # SQLite: -1 is no limit
         )
         return [json.loads(r[0]) for r in rows]
 
