@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from aiotranscribe.api.access import WS_PROTOCOL
 from aiotranscribe.api.errors import ApiError
 from aiotranscribe.api.streamlimits import limits_of
 from aiotranscribe.api.transcribe import get_job
@@ -61,8 +62,13 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     cache = cache_of(request.app)
     # No permessage-deflate: events are small, and aiohttp compresses big frames in an
     # executor, where they could interleave with heartbeat pings.
+    # ``protocols``: a browser that offers its API key as the subprotocol ``key.<key>`` also
+    # offers this one, and the handshake must pick one of its offers.
     ws = web.WebSocketResponse(
-        heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE, compress=False
+        heartbeat=HEARTBEAT_S,
+        max_msg_size=MAX_CLIENT_MESSAGE,
+        compress=False,
+        protocols=(WS_PROTOCOL,),
     )
     await ws.prepare(request)
     sockets = request.app[websockets_key]
