@@ -26,6 +26,7 @@ from aiotranscribe.api import events, health, openai_compat, openapi, transcribe
 from aiotranscribe.api.access import Access
 from aiotranscribe.api.errors import error_middleware
 from aiotranscribe.api.pages import add_static_routes
+from aiotranscribe.api.streamlimits import StreamLimits, stream_limits_key
 from aiotranscribe.config import Settings
 from aiotranscribe.engine.nemo_engine import model_display_name
 from aiotranscribe.janitor import Janitor
@@ -40,6 +41,7 @@ from aiotranscribe.keys import (
 )
 from aiotranscribe.metrics import Metrics
 from aiotranscribe.pool import InferencePool
+from aiotranscribe.rendered import RenderCache, render_cache_key
 from aiotranscribe.service import TranscriptionService
 from aiotranscribe.store import JobStore, open_store
 from aiotranscribe.workers import Worker, make_worker
@@ -107,6 +109,10 @@ def create_app(
             synchronous=settings.sqlite_synchronous,
         )
     app[settings_key] = settings
+    app[render_cache_key] = RenderCache()
+    app[stream_limits_key] = StreamLimits(
+        send_timeout_s=settings.ws_send_timeout_s, sse_keepalive_s=settings.sse_keepalive_s
+    )
     app[metrics_key] = metrics
     app[store_key] = store
     pools = build_pools(settings, store, metrics, worker_factory)

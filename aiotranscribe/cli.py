@@ -136,6 +136,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         type=float,
     )
     opt(
+        "--ws-send-timeout-s",
+        d.ws_send_timeout_s,
+        "an event WebSocket not taking frames this long is closed (1008), seconds",
+        type=float,
+    )
+    opt(
+        "--sse-keepalive-s",
+        d.sse_keepalive_s,
+        "SSE streams send a keep-alive comment after this long without output, seconds",
+        type=float,
+    )
+    opt(
         "--convert-min-timeout-s",
         d.convert_min_timeout_s,
         "floor of a conversion's wall-clock limit, seconds",
@@ -204,6 +216,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         header_timeout_s=float(args.header_timeout_s),
         upload_min_rate_kib_s=float(args.upload_min_rate_kib_s),
         upload_grace_s=float(args.upload_grace_s),
+        ws_send_timeout_s=float(args.ws_send_timeout_s),
+        sse_keepalive_s=float(args.sse_keepalive_s),
         convert_min_timeout_s=float(args.convert_min_timeout_s),
         ffmpeg_max_memory_mb=float(args.ffmpeg_max_memory_mb),
         ffmpeg_max_cpu_s=float(args.ffmpeg_max_cpu_s) if args.ffmpeg_max_cpu_s else None,

@@ -111,6 +111,12 @@ class Settings:
     upload_grace_s: float = 10.0
     """Seconds a body may lag behind ``upload_min_rate_kib_s`` before it counts as too slow."""
 
+    ws_send_timeout_s: float = 30.0
+    """An event WebSocket whose client has taken no frame for this long is closed (1008)."""
+
+    sse_keepalive_s: float = 15.0
+    """An SSE stream that has sent nothing for this long gets a ``: keep-alive`` comment."""
+
     convert_min_timeout_s: float = 60.0
     """Floor of a conversion's wall-clock limit, in seconds; the limit grows with the audio's
     declared length up to ``convert_timeout_s``."""

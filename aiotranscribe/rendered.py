@@ -10,7 +10,6 @@ loop keeps answering meanwhile, and concurrent requests for it share one build.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,13 +111,9 @@ def _retrieve(task: asyncio.Task[bytes]) -> None:
 
 
 render_cache_key = web.AppKey("render_cache", RenderCache)
-"""Set before the app starts to give it a cache of one's own (a benchmark's, with no room)."""
-_caches: weakref.WeakKeyDictionary[web.Application, RenderCache] = weakref.WeakKeyDictionary()
+"""``create_app`` puts one there; replace it before the app starts to use one's own (a
+benchmark's, with no room)."""
 
 
 def cache_of(app: web.Application) -> RenderCache:
-    """The app's cache, made on first use (handlers cannot add keys to a running app)."""
-    cache = app.get(render_cache_key) or _caches.get(app)
-    if cache is None:
-        cache = _caches[app] = RenderCache()
-    return cache
+    return app[render_cache_key]

@@ -1,7 +1,8 @@
 """Limits on long-lived answers (event WebSockets, SSE streams).
 
-The defaults hold unless an app carries its own ``StreamLimits`` under ``stream_limits_key``
-(tests set small ones); they are read at call time, never copied at import.
+``create_app`` puts one built from the settings (``--ws-send-timeout-s``,
+``--sse-keepalive-s``) under ``stream_limits_key``; the rest are fixed tunables a test may
+change by putting its own there before the app starts.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ class StreamLimits:
     inside the idle timeouts of proxies (nginx: 60 s)."""
 
 
-DEFAULT_LIMITS = StreamLimits()
 stream_limits_key = web.AppKey("stream_limits", StreamLimits)
 
 
 def limits_of(app: web.Application) -> StreamLimits:
-    return app.get(stream_limits_key, DEFAULT_LIMITS)
+    return app[stream_limits_key]
