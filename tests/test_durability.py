@@ -322,7 +322,7 @@ def raw_upload(path: Path) -> tuple[bytes, bytes]:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     head = (
-        "POST /transcribe/async HTTP/1.1\r\nHost: test\r\n"
+        "POST /transcribe/async HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode()
