@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from aiotranscribe.admission import Admission
-from aiotranscribe.api import events, health, openai_compat, openapi, transcribe
+from aiotranscribe.api import events, health, joblist, openai_compat, openapi, transcribe
 from aiotranscribe.api.access import Access
 from aiotranscribe.api.errors import error_middleware
 from aiotranscribe.api.pages import add_static_routes
@@ -146,6 +146,7 @@ def create_app(
     app.on_shutdown.append(shutdown_sequence)
     app.add_routes(health.routes)
     app.add_routes(transcribe.routes)
+    app.add_routes(joblist.routes)
     app.add_routes(events.routes)
     app.add_routes(openai_compat.routes)
     app.add_routes(openapi.routes)

@@ -1,5 +1,6 @@
 // Talking to the server: upload, job events (WebSocket, with resume and a polling fallback),
-// cancel, health. Nothing here touches the page; callers get data and plain-words errors.
+// cancel, delete, the job list, health. Nothing here touches the page; callers get data and
+// plain-words errors.
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 
@@ -132,6 +133,17 @@ export const getStatus = (jobId) => getJson(`/jobs/${encodeURIComponent(jobId)}/
 export const getResult = (jobId) => getJson(`/jobs/${encodeURIComponent(jobId)}/result`);
 export const cancelJob = (jobId) =>
   getJson(`/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST" });
+/** Delete a job and its data; the server cancels a running one first. */
+export const deleteJob = (jobId) =>
+  getJson(`/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE" });
+
+const JOBS_PAGE = 50;
+
+/** A page of this key's jobs, newest first: {jobs, next_cursor}. */
+export function listJobs(cursor = "") {
+  const after = cursor ? `&cursor=${encodeURIComponent(cursor)}` : "";
+  return getJson(`/jobs?limit=${JOBS_PAGE}${after}`);
+}
 
 export function resultUrl(jobId, format) {
   const url = `/jobs/${encodeURIComponent(jobId)}/result?format=${encodeURIComponent(format)}`;

@@ -1,10 +1,11 @@
 // The page: pick or record audio, upload it, follow the job live, show the result.
-// Server calls live in api.js, the transcript/player in player.js, the session's job list
+// Server calls live in api.js, the transcript/player in player.js, the server's job list
 // in jobs.js, the microphone in recorder.js.
 
 import {
   ApiError,
   cancelJob,
+  deleteJob,
   ensureKey,
   explainJobError,
   followJob,
@@ -13,13 +14,14 @@ import {
   resultUrl,
   uploadAudio,
 } from "./api.js";
-import { loadJobs, renderJobList, upsertJob } from "./jobs.js";
+import { JobList } from "./jobs.js";
 import { TranscriptView, formatClock } from "./player.js";
 import { Recorder, canRecord } from "./recorder.js";
 import { watchHealth } from "./status.js";
 
 const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const REFRESH_MS = 10000;
 const STAGES = {
   queued: "Waiting in the queue",
   converting: "Converting the audio",
@@ -41,6 +43,10 @@ const audioUrls = new Map();
 const audio = $("audio");
 const transcript = new TranscriptView($("transcript"), audio);
 const recorder = new Recorder();
+const jobList = new JobList($("jobs"), $("jobs-empty"), $("jobs-more"), {
+  onOpen: openJob,
+  onDelete: removeJob,
+});
 
 // ---------------------------------------------------------------------------------------
 // Messages
@@ -186,8 +192,8 @@ async function startJob() {
   updateControls();
   const jobId = accepted.job_id;
   audioUrls.set(jobId, url);
-  upsertJob(jobId, { filename: file.name, status: "pending" });
-  renderJobs();
+  jobList.note(jobId, { filename: file.name, status: "pending" });
+  refreshList();
   follow(jobId, file.name);
 }
 
@@ -237,7 +243,7 @@ function follow(jobId, name) {
       $("connection").textContent = "";
     }
   });
-  upsertJob(jobId, { filename: name });
+  jobList.setCurrent(jobId);
 }
 
 function stopFollowing() {
@@ -252,8 +258,7 @@ function onJobEvent(jobId, event) {
   switch (event.type) {
     case "status":
       showStage(event.stage, event.queue_position);
-      upsertJob(jobId, { status: event.status });
-      renderJobs();
+      jobList.note(jobId, { status: event.status });
       break;
     case "polled": // from the polling fallback: no ETA, no segments
       showStage(event.stage);
@@ -272,17 +277,17 @@ function onJobEvent(jobId, event) {
       $("stage").textContent = "Done.";
       $("eta").textContent = "";
       showResult(jobId, event.result);
-      upsertJob(jobId, { status: "completed" });
-      renderJobs();
+      jobList.note(jobId, { status: "completed" });
+      refreshList();
       break;
     case "failed":
       $("stage").textContent = "Failed.";
       $("eta").textContent = "";
       showError(explainJobError(event.error));
-      upsertJob(jobId, {
+      jobList.note(jobId, {
         status: event.error && event.error.code === "gone" ? "expired" : "failed",
       });
-      renderJobs();
+      refreshList();
       break;
     case "cancelled":
       // The user's own cancel needs no reason; another (a client that left) does.
@@ -291,8 +296,8 @@ function onJobEvent(jobId, event) {
           ? `Cancelled: ${event.reason}.`
           : "Cancelled.";
       $("eta").textContent = "";
-      upsertJob(jobId, { status: "cancelled" });
-      renderJobs();
+      jobList.note(jobId, { status: "cancelled" });
+      refreshList();
       break;
     default:
       break;
@@ -379,32 +384,25 @@ $("attach").addEventListener("change", (e) => {
 });
 
 // ---------------------------------------------------------------------------------------
-// This session's jobs
-
-function renderJobs() {
-  renderJobList($("jobs"), $("jobs-empty"), state.jobId, openJob);
-}
+// The server's jobs
 
 async function openJob(jobId) {
   if (state.upload) return; // one thing at a time while an upload is running
   stopFollowing();
   showError("");
-  const stored = loadJobs().find((j) => j.id === jobId) || {};
+  const listed = jobList.find(jobId) || {};
   let info;
   try {
     info = await getStatus(jobId);
   } catch (err) {
-    if (err instanceof ApiError && err.status === 404) {
-      upsertJob(jobId, { status: "expired" });
-      renderJobs();
-    }
+    if (err instanceof ApiError && err.status === 404) jobList.remove(jobId);
     showError(err.message);
     return;
   }
-  upsertJob(jobId, { status: info.status });
+  jobList.note(jobId, { status: info.status });
   state.jobId = jobId;
-  resetJobView(info.filename || stored.filename, audioUrls.get(jobId));
-  renderJobs();
+  jobList.setCurrent(jobId);
+  resetJobView(info.filename || listed.filename, audioUrls.get(jobId));
   if (info.status === "completed") {
     $("progress-card").hidden = true;
     // /status carries the result already; /result is the fallback for a trimmed one.
@@ -425,17 +423,35 @@ async function openJob(jobId) {
   follow(jobId, info.filename);
 }
 
-// Jobs left running when another was opened (or before a reload) still change status.
-async function refreshJobs() {
-  for (const job of loadJobs()) {
-    if (job.id === state.jobId || TERMINAL.has(job.status) || job.status === "expired") continue;
-    try {
-      upsertJob(job.id, { status: (await getStatus(job.id)).status });
-    } catch (err) {
-      if (err instanceof ApiError && err.status === 404) upsertJob(job.id, { status: "expired" });
+async function removeJob(jobId, name) {
+  if (!window.confirm(`Delete "${name}" and its transcript from the server?`)) return;
+  try {
+    // A running job is cancelled first; the answer comes once it is gone.
+    await deleteJob(jobId);
+  } catch (err) {
+    if (!(err instanceof ApiError && err.status === 404)) {
+      showError(err.message);
+      return;
     }
   }
-  renderJobs();
+  if (state.jobId === jobId) {
+    stopFollowing();
+    showError("");
+    $("progress-card").hidden = true;
+    $("result-card").hidden = true;
+    setAudio("");
+  }
+  if (audioUrls.has(jobId)) URL.revokeObjectURL(audioUrls.get(jobId));
+  audioUrls.delete(jobId);
+  jobList.remove(jobId);
+  refreshList();
+}
+
+// Jobs change on the server (other tabs, other clients): read the list again now and then.
+function refreshList() {
+  jobList.refresh().catch(() => {
+    // Unreachable for now: the server status line says so; the next refresh tries again.
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -458,12 +474,19 @@ if (!canRecord()) {
   $("record").disabled = true;
   $("record").title = "This browser cannot record audio here (it needs https or localhost).";
 }
-renderJobs();
 watchHealth($("server"), fillModels);
-// A server with API keys: ask for one first, so the job list and uploads carry it.
+// A server with API keys: ask for one first, so the job list and uploads carry it. Without
+// one (the person declined) the list is not polled: each poll would ask again.
 ensureKey()
-  .catch((err) => showError(err.message))
-  .finally(() => {
-    refreshJobs();
-    setInterval(refreshJobs, 10000);
+  .then(
+    () => true,
+    (err) => {
+      showError(err.message);
+      return !(err instanceof ApiError && err.status === 401);
+    },
+  )
+  .then((keyed) => {
+    if (!keyed) return;
+    refreshList();
+    setInterval(refreshList, REFRESH_MS);
   });

@@ -107,9 +107,9 @@ async def test_cancel_queued_and_running_jobs(make_client, long_audio, voices):
     events, _ = await watch(client, queued)
     assert events[-1]["type"] == "cancelled" and events[-1]["reason"]
     assert not any(e["type"] == "segment" for e in events)
-    # The long job is still running: cancel it mid-batch with DELETE (the alias).
+    # The long job is still running: cancel it mid-batch.
     assert (await store.get(running)).status == "processing"
-    resp = await client.delete(f"/jobs/{running}")
+    resp = await client.post(f"/jobs/{running}/cancel")
     assert (await resp.json())["status"] == "cancelled"
     status = await (await client.get(f"/jobs/{running}/status")).json()
     assert status["status"] == "cancelled" and status["result"] is None

@@ -14,6 +14,7 @@ import pytest
 
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, Job
 from aiotranscribe.store import JobStore, MemoryStore, SqliteStore
+from aiotranscribe.store.base import JobQuery
 
 STORES = ["memory", "sqlite"]
 
@@ -248,3 +249,81 @@ async def test_a_commit_is_visible_to_the_next_read_under_concurrent_reads(store
     finally:
         stop.set()
         await asyncio.gather(*readers)
+
+
+async def test_page_jobs_newest_first_filtered_and_by_tenant(store):
+    # Two jobs share a millisecond: the id breaks the tie, so the order is total.
+    specs = [
+        ("1" * 32, "2026-01-01T00:00:00.000Z", "alpha", "demo"),
+        ("2" * 32, "2026-01-01T00:00:01.000Z", "alpha", "other"),
+        ("3" * 32, "2026-01-01T00:00:01.000Z", "alpha", "demo"),
+        ("4" * 32, "2026-01-01T00:00:02.000Z", "bravo", "demo"),
+        ("5" * 32, "2026-01-01T00:00:03.000Z", None, "demo"),
+    ]
+    for job_id, created, tenant, model in specs:
+        await new_job(store, job_id, created_at=created, tenant=tenant)
+        await store.set_status(job_id, model=model)
+    await store.finish("1" * 32, COMPLETED, {"result": {}})
+
+    async def ids(tenant, limit=10, **query) -> list[str]:
+        return [j.id[0] for j in await store.page_jobs(JobQuery(tenant, limit, **query))]
+
+    assert await ids("alpha") == ["3", "2", "1"]
+    assert await ids("bravo") == ["4"]
+    assert await ids(None) == ["5"]
+    assert await ids("nobody") == []
+    assert await ids("alpha", status="completed") == ["1"]
+    assert await ids("alpha", status="pending") == ["3", "2"]
+    assert await ids("alpha", model="demo") == ["3", "1"]
+    assert await ids("alpha", since="2026-01-01T00:00:01.000Z") == ["3", "2"]
+    assert await ids("alpha", limit=1) == ["3"]
+    # Strictly older than the cursor, the tie included.
+    assert await ids("alpha", before=("2026-01-01T00:00:01.000Z", "3" * 32)) == ["2", "1"]
+    assert await ids("alpha", before=("2026-01-01T00:00:01.000Z", "2" * 32)) == ["1"]
+    page = await store.page_jobs(JobQuery("alpha", 1))
+    assert page[0].filename == "x.wav" and page[0].tenant == "alpha"
+
+
+async def test_paging_returns_every_job_once_while_jobs_are_added(store):
+    before_paging = set()
+    for i in range(23):
+        job = await new_job(store, f"{i:032x}", tenant="t")
+        before_paging.add(job.id)
+    seen: list[str] = []
+    cursor = None
+    added = 0
+    while True:
+        page = await store.page_jobs(JobQuery("t", 4, before=cursor))
+        if not page:
+            break
+        seen += [j.id for j in page]
+        cursor = (page[-1].created_at, page[-1].id)
+        # Newer jobs arrive between pages (some in the same millisecond as the cursor).
+        for _ in range(3):
+            await new_job(store, f"{1000 + added:032x}", tenant="t")
+            added += 1
+    assert len(seen) == len(set(seen))
+    assert before_paging <= set(seen)
+
+
+async def test_delete_job_removes_record_events_and_slices(store):
+    gone = await new_job(store, "d" * 32)
+    kept = await new_job(store, "k" * 32)
+    await store.add_slices(gone.id, [(0, 10), (10, 10)], [("status", {"stage": "x"})])
+    await store.add_slices(kept.id, [(0, 10)], [])
+    waiter = asyncio.create_task(store.wait_events(gone.id, 2, timeout=30))
+    await asyncio.sleep(0.05)
+    assert await store.delete_job(gone.id) is True
+    # Its watchers wake up at once and find nothing more.
+    assert await asyncio.wait_for(waiter, 5) == []
+    assert await store.get(gone.id) is None
+    assert await store.events_after(gone.id, 0) == []
+    assert await store.slices(gone.id) == []
+    assert gone.id not in {j.id for j in await store.page_jobs(JobQuery(None, 10))}
+    assert await store.live_ids() == {kept.id}
+    assert await store.delete_job(gone.id) is False
+    # Writes for the deleted job are refused like those of an ended one.
+    assert await store.append_events(gone.id, [("progress", {})]) == []
+    assert await store.finish(gone.id, CANCELLED, {"reason": "x"}) is None
+    assert len(await store.slices(kept.id)) == 1
+    assert [e["seq"] for e in await store.events_after(kept.id, 0)] == [1]

@@ -233,7 +233,7 @@ def test_upload_follow_result_seek_and_download(
     page.screenshot(path=str(shots / "ui-phone-dark.png"), full_page=True)
     page.emulate_media(color_scheme="light")
 
-    # The session's jobs survive a reload and a finished one can be reopened.
+    # The list (the server's) is there after a reload and a finished job can be reopened.
     page.reload()
     expect(page.locator("#jobs li")).to_have_count(1)
     expect(page.locator("#jobs li").first).to_contain_text("completed")
@@ -243,6 +243,54 @@ def test_upload_follow_result_seek_and_download(
     expect(page.locator("#no-audio")).to_be_visible()  # the object URL died with the page
     expect(page.locator("#dl-srt")).to_have_attribute("href", f"/jobs/{job_id}/result?format=srt")
     assert problems == []
+
+
+def test_job_list_shows_the_servers_jobs_reopens_and_deletes(
+    server_factory: ServerFactory, browser_factory: BrowserFactory, tmp_path: Path
+) -> None:
+    """A job started in one tab is listed in another (a session of its own), which can
+    reopen it and delete it; deleting a running job cancels it where it is followed."""
+    server = server_factory("--batch-size", "1", "--chunk-seconds", "5")
+    browser = browser_factory()
+    first, problems = open_page(browser, server)
+    first.set_input_files("#file", str(utterances(["hello world"], tmp_path / "short.wav")))
+    first.click("#start")
+    wait_stage(first, "Done.")
+    job_id = first.locator("#jobs li").first.get_attribute("data-job-id")
+    result = server.get_json(f"/jobs/{job_id}/result")
+
+    other, more_problems = open_page(browser, server)
+    expect(other.locator("#jobs li")).to_have_count(1)
+    item = other.locator(f'#jobs li[data-job-id="{job_id}"]')
+    expect(item).to_contain_text("short.wav")
+    expect(item).to_contain_text("completed")
+    item.locator(".job-open").click()
+    expect(other.locator("#transcript .word").first).to_be_visible()
+    assert page_words(other) == [w["word"] for w in result_words(result)]
+
+    # Deleting asks first; declined, nothing happens.
+    other.once("dialog", lambda dialog: dialog.dismiss())
+    item.locator(".job-delete").click()
+    expect(item).to_be_visible()
+    other.once("dialog", lambda dialog: dialog.accept())
+    item.locator(".job-delete").click()
+    expect(other.locator("#jobs li")).to_have_count(0)
+    expect(other.locator("#jobs-empty")).to_be_visible()
+    expect(other.locator("#result-card")).to_be_hidden()
+    assert server.get(f"/jobs/{job_id}/status")[0] == 404
+
+    # A running job followed in the first tab, deleted from the other: cancelled there.
+    first.set_input_files("#file", str(long_audio(tmp_path / "long.wav", minutes=3)))
+    first.click("#start")
+    expect(first.locator("#stage")).to_have_text("Transcribing…", timeout=TRANSCRIBE_TIMEOUT_MS)
+    running = first.locator("#jobs li").first.get_attribute("data-job-id")
+    other.reload()
+    other.once("dialog", lambda dialog: dialog.accept())
+    other.locator(f'#jobs li[data-job-id="{running}"] .job-delete').click()
+    expect(other.locator("#jobs li")).to_have_count(0)
+    wait_stage(first, "Cancelled: deleted by client.")
+    assert server.get(f"/jobs/{running}/status")[0] == 404
+    assert problems == [] and more_problems == []
 
 
 def test_microphone_recording(
@@ -359,8 +407,9 @@ def test_errors_reconnect_cancel_and_polling(
     wait_stage(page2, "Done.")
     assert "hello world" in " ".join(page_words(page2))
     assert opened == [] and status_polls, (opened, status_polls)
-    # Two contexts, one session each: the second tab's list has only its own job.
-    expect(page2.locator("#jobs li")).to_have_count(1)
+    # The second tab lists the server's jobs, the first tab's too: newest first.
+    expect(page2.locator("#jobs li")).to_have_count(3)
+    expect(page2.locator("#jobs li").first).to_contain_text("hello.wav")
     assert problems == []
 
 

@@ -11,6 +11,8 @@ from functools import cache
 from typing import Any
 
 from aiotranscribe import __version__
+from aiotranscribe.api.joblist import DEFAULT_LIMIT as LIMIT
+from aiotranscribe.api.joblist import MAX_LIMIT
 from aiotranscribe.formats import FORMATS
 
 Schema = dict[str, Any]
@@ -73,6 +75,21 @@ JOB_INFO = obj(
     stage={"type": "string", "enum": STAGES},
     progress={"type": "number", "minimum": 0, "maximum": 1},
     model=STR,
+)
+JOB_SUMMARY = obj(
+    ["job_id", "status", "filename", "model", "created_at", "links"],
+    job_id=STR,
+    status={"type": "string", "enum": STATUSES},
+    stage={"type": "string", "enum": STAGES},
+    progress={"type": "number", "minimum": 0, "maximum": 1},
+    filename=STR,
+    model=STR,
+    language=nullable(STR),
+    created_at=STR,
+    completed_at=nullable(STR),
+    duration_s=nullable(SECONDS),
+    error=nullable(STR),
+    links=obj(status=STR, result=STR, events=STR),
 )
 ERROR = obj(detail={"type": "string", "description": "Human-readable"}, code=STR)
 OPENAI_ERROR = obj(
@@ -172,6 +189,18 @@ SCHEMAS: dict[str, Schema] = {
     "JobInfo": JOB_INFO,
     "JobAccepted": obj(job_id=STR, status={"type": "string", "const": "pending"}, message=STR),
     "CancelResponse": obj(message=STR, status={"type": "string", "enum": STATUSES}),
+    "JobSummary": JOB_SUMMARY,
+    "JobList": obj(
+        jobs={"type": "array", "items": ref("JobSummary")},
+        next_cursor={**nullable(STR), "description": "Pass as `cursor` for the next page"},
+        next={**nullable(STR), "description": "The next page's URL (filters kept)"},
+    ),
+    "DeleteResponse": obj(
+        job_id=STR,
+        status={"type": "string", "enum": STATUSES, "description": "Its status when deleted"},
+        deleted={"type": "boolean", "const": True},
+        message=STR,
+    ),
     "Health": obj(
         ["status", "model_loaded", "model_name"],
         status={"type": "string", "enum": ["healthy", "model_not_loaded"]},
@@ -369,6 +398,13 @@ JOB_PARAM = {
     "required": True,
     "schema": {"type": "string", "pattern": JOB_ID},
 }
+
+
+def query_param(name: str, schema: Schema, description: str = "") -> Schema:
+    param: Schema = {"name": name, "in": "query", "schema": schema}
+    return {**param, "description": description} if description else param
+
+
 RENDERED = {
     "application/x-subrip": {"schema": STR},
     "text/vtt": {"schema": STR},
@@ -478,13 +514,41 @@ def paths() -> dict[str, Schema]:
                 "responses": {**json_ok(ref("CancelResponse")), **errors(404)},
             }
         },
+        "/jobs": {
+            "get": {
+                "tags": ["jobs"],
+                "summary": "This API key's jobs, newest first, a page at a time",
+                "description": "Summaries with links, no results. Pages follow `next` (or pass "
+                "`next_cursor` as `cursor` with the same filters); each holds only jobs older "
+                "than the last, so paging returns every job once while new ones arrive.",
+                "operationId": "listJobs",
+                "parameters": [
+                    query_param("status", {"type": "string", "enum": STATUSES}, "Only these"),
+                    query_param("model", STR, "Only jobs of this model"),
+                    query_param(
+                        "since",
+                        STR,
+                        "Only jobs created then or later: ISO 8601 (UTC without an offset) "
+                        "or Unix seconds",
+                    ),
+                    query_param(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": LIMIT},
+                    ),
+                    query_param("cursor", STR, "`next_cursor` of the previous page"),
+                ],
+                "responses": {**json_ok(ref("JobList")), **errors(400)},
+            }
+        },
         "/jobs/{job_id}": {
             "delete": {
                 "tags": ["jobs"],
-                "summary": "Cancel a job (same as POST /jobs/{job_id}/cancel)",
+                "summary": "Delete a job and its data (a running one is cancelled first)",
+                "description": "Answers once the job, its events and files are gone; "
+                "every `/jobs/{job_id}/...` route then answers 404.",
                 "operationId": "deleteJob",
                 "parameters": [JOB_PARAM],
-                "responses": {**json_ok(ref("CancelResponse")), **errors(404)},
+                "responses": {**json_ok(ref("DeleteResponse")), **errors(404, 409)},
             }
         },
         "/jobs/{job_id}/events": {

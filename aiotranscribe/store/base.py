@@ -33,6 +33,10 @@ EventSpec = tuple[str, dict[str, Any]]
 SliceKey = tuple[str, int]
 """(job id, slice index)."""
 
+JobPosition = tuple[str, str]
+"""A job's place in the newest-first order: (``created_at``, id). Neither ever changes, and
+ids are unique, so the order is total: paging by it returns every job once."""
+
 QUEUED, LEASED, DONE = "queued", "leased", "done"
 
 
@@ -63,6 +67,34 @@ def apply_changes(job: Job, changes: dict[str, Any]) -> None:
         if not hasattr(job, name):
             raise AttributeError(f"a job has no field {name!r}")
         setattr(job, name, value)
+
+
+def position_of(job: Job) -> JobPosition:
+    return (job.created_at, job.id)
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """Which jobs one page of ``page_jobs`` holds: ``tenant``'s (None: those submitted
+    without a key), newest first by position, at most ``limit``."""
+
+    tenant: str | None
+    limit: int
+    status: str | None = None
+    model: str | None = None
+    since: str | None = None
+    """Created at this time or later: an ISO 8601 UTC string in ``created_at``'s format."""
+    before: JobPosition | None = None
+    """Strictly older than this position: the previous page's last job's."""
+
+    def matches(self, job: Job) -> bool:
+        return (
+            job.tenant == self.tenant
+            and (self.status is None or job.status == self.status)
+            and (self.model is None or job.model == self.model)
+            and (self.since is None or job.created_at >= self.since)
+            and (self.before is None or position_of(job) < self.before)
+        )
 
 
 class Notifier:
@@ -130,6 +162,18 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def list_jobs(self, *, active: bool = False, limit: int | None = None) -> list[Job]:
         """Jobs newest first; ``active``: only those not ended."""
+
+    @abc.abstractmethod
+    async def page_jobs(self, query: JobQuery) -> list[Job]:
+        """The jobs ``query`` matches, newest first by position, at most ``query.limit``.
+        The next page asks ``before`` = the last one's position; jobs added meanwhile are
+        newer, so paging returns every earlier job once."""
+
+    @abc.abstractmethod
+    async def delete_job(self, job_id: str) -> bool:
+        """Remove the job's record, events and slices in one step, and wake its watchers
+        (they find it gone). False when there was no such job. Whether it may be deleted
+        (has it ended?) is the caller's decision."""
 
     @abc.abstractmethod
     async def set_status(self, job_id: str, **changes: Any) -> Job | None:

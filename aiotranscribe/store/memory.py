@@ -15,12 +15,14 @@ from aiotranscribe.store.base import (
     LEASED,
     QUEUED,
     EventSpec,
+    JobQuery,
     JobStore,
     SliceKey,
     SliceRecord,
     StoreClosed,
     apply_changes,
     make_event,
+    position_of,
 )
 
 
@@ -80,6 +82,19 @@ class MemoryStore(JobStore):
         jobs = [j for j in self._jobs.values() if not (active and j.terminal)]
         jobs.sort(key=lambda j: j.created_at, reverse=True)
         return [copy.deepcopy(j) for j in jobs[:limit]]
+
+    async def page_jobs(self, query: JobQuery) -> list[Job]:
+        self._check()
+        jobs = sorted(filter(query.matches, self._jobs.values()), key=position_of, reverse=True)
+        return [copy.deepcopy(j) for j in jobs[: query.limit]]
+
+    async def delete_job(self, job_id: str) -> bool:
+        self._check()
+        found = self._jobs.pop(job_id, None) is not None
+        self._events.pop(job_id, None)
+        self._slices.pop(job_id, None)
+        self.notifier.notify(job_id)
+        return found
 
     async def set_status(self, job_id: str, **changes: Any) -> Job | None:
         self._check()

@@ -30,6 +30,7 @@ from aiotranscribe.store.base import (
     LEASED,
     QUEUED,
     EventSpec,
+    JobQuery,
     JobStore,
     SliceKey,
     SliceRecord,
@@ -44,7 +45,10 @@ T = TypeVar("T")
 Op = Callable[[aiosqlite.Connection, set[str]], Awaitable[Any]]
 
 SCHEMA_VERSION = 1
-SCHEMA = """
+# The record's tenant, '' for none (keys never name an empty tenant): what jobs_tenant_page
+# indexes, so a query must spell it exactly this way to use the index.
+TENANT = "IFNULL(json_extract(record, '$.tenant'), '')"
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs(
   id TEXT PRIMARY KEY,
   status TEXT NOT NULL,
@@ -55,6 +59,8 @@ CREATE TABLE IF NOT EXISTS jobs(
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(status) WHERE status IN ('pending','processing');
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+-- GET /jobs: one tenant's jobs newest first, a page after a (created_at, id) cursor.
+CREATE INDEX IF NOT EXISTS jobs_tenant_page ON jobs({TENANT}, created_at, id);
 CREATE TABLE IF NOT EXISTS slices(
   job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
   idx INTEGER NOT NULL,
@@ -240,6 +246,26 @@ class SqliteStore(JobStore):
         rows = await self._rows(
             f"SELECT record FROM jobs {where} ORDER BY created_at DESC LIMIT ?",
             (limit if limit is not None else -1,),
+        )
+        return [Job.from_dict(json.loads(r[0])) for r in rows]
+
+    async def page_jobs(self, query: JobQuery) -> list[Job]:
+        where, params = [f"{TENANT}=?"], [query.tenant or ""]
+        if query.before is not None:
+            where.append("(created_at, id) < (?, ?)")
+            params += query.before
+        for condition, value in (
+            ("created_at >= ?", query.since),
+            ("status=?", query.status),
+            ("json_extract(record, '$.model')=?", query.model),
+        ):
+            if value is not None:
+                where.append(condition)
+                params.append(value)
+        rows = await self._rows(
+            f"SELECT record FROM jobs WHERE {' AND '.join(where)}"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*params, query.limit),
         )
         return [Job.from_dict(json.loads(r[0])) for r in rows]
 
@@ -474,6 +500,18 @@ class SqliteStore(JobStore):
                 return [row[0] for row in await cur.fetchall()]
 
         result: list[str] = await self._write(op)
+        return result
+
+    async def delete_job(self, job_id: str) -> bool:
+        async def op(db: aiosqlite.Connection, touched: set[str]) -> bool:
+            # Events and slices go with the row (ON DELETE CASCADE).
+            cur = await db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            found = cur.rowcount == 1
+            await cur.close()
+            touched.add(job_id)  # wake its watchers once the delete is committed
+            return found
+
+        result: bool = await self._write(op)
         return result
 
     async def integrity(self) -> str:
