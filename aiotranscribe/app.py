@@ -27,8 +27,7 @@ from aiotranscribe.api.access import Access
 from aiotranscribe.api.errors import error_middleware
 from aiotranscribe.api.pages import add_static_routes
 from aiotranscribe.api.streamlimits import StreamLimits, stream_limits_key
-from aiotranscribe.config import Settings
-from aiotranscribe.engine.nemo_engine import model_display_name
+from aiotranscribe.config import ModelSettings, Settings, model_table
 from aiotranscribe.janitor import Janitor
 from aiotranscribe.keys import (
     janitor_key,
@@ -63,20 +62,26 @@ def build_pools(
     metrics: Metrics | None = None,
     worker_factory: WorkerFactory | None = None,
 ) -> dict[str, InferencePool]:
+    """One pool per served model (``config.model_table``: raises ``ModelsError``)."""
     pools: dict[str, InferencePool] = {}
-    for spec in settings.models:
-        name = model_display_name(spec)
+    for name, model in model_table(settings).items():
 
-        def factory(spec: str = spec) -> Worker:
+        def factory(model: ModelSettings = model) -> Worker:
             if worker_factory is not None:
-                return worker_factory(spec)
-            return make_worker(settings.executor, spec, settings.device, settings.torch_threads)
+                return worker_factory(model.source)
+            return make_worker(
+                settings.executor,
+                model.source,
+                model.device or settings.device,
+                settings.torch_threads,
+                model.engine_config(),
+            )
 
         pools[name] = InferencePool(
             name,
             factory,
             store,
-            batch_size=settings.batch_size,
+            batch_size=model.batch_size or settings.batch_size,
             on_batch=metrics.batch_observer(name) if metrics is not None else None,
         )
     return pools

@@ -44,8 +44,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     opt(
         "--model",
         ",".join(d.models),
-        "model(s) to serve, comma-separated: 'demo', a .nemo path, or a hub name such as "
-        "nvidia/parakeet-tdt-0.6b-v2; the first is the default",
+        "model(s) to serve, comma-separated, each SOURCE or NAME=SOURCE: 'demo', a .nemo "
+        "path, or a hub name such as nvidia/parakeet-tdt-0.6b-v2; the first is the default "
+        "(none and no --models-file: demo)",
+    )
+    opt(
+        "--models-file",
+        None,
+        "a TOML file of [models.NAME] tables (source, decoder, max_slice_s, languages, "
+        "batch_size, device); its models come before --model's",
     )
     opt("--device", d.device, "auto, cpu, cuda or cuda:N")
     opt(
@@ -191,6 +198,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         host=args.host,
         port=int(args.port),
         models=tuple(m.strip() for m in str(args.model).split(",") if m.strip()),
+        models_file=Path(args.models_file) if args.models_file else None,
         device=args.device,
         executor=args.executor,
         torch_threads=int(args.torch_threads) if args.torch_threads else None,
@@ -310,10 +318,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
         settings = settings_from_args(args)
         from aiotranscribe.api.access import KeysFileError, load_keys
+        from aiotranscribe.config import ModelsError, model_table
 
         try:
             load_keys(settings.api_keys, settings.api_keys_file)
-        except KeysFileError as exc:
+            model_table(settings)
+        except (KeysFileError, ModelsError) as exc:
             parser.error(str(exc))
         serve(settings)
     else:

@@ -37,7 +37,14 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--url", default=os.environ.get("AIOTRANSCRIBE_URL", "http://127.0.0.1:8000"))
     p.add_argument("--format", default="text", choices=FORMATS)
     p.add_argument("--model", default=None, help="served model name (default: the server's)")
-    p.add_argument("--language", default=None)
+    p.add_argument("--language", default=None, help="ISO 639-1 code of the speech, e.g. en")
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=("transcribe", "translate"),
+        help="translate: text in --target-language (default en), for models that translate",
+    )
+    p.add_argument("--target-language", default=None, help="language of the text when translating")
     p.add_argument("-o", "--output", type=Path, default=None, help="write here instead of stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -65,7 +72,7 @@ async def _submit(
     with aiohttp.MultipartWriter("form-data") as form:
         part = form.append(_chunks(args.file, progress, task))
         part.set_content_disposition("form-data", name="file", filename=args.file.name)
-        for name in ("model", "language"):
+        for name in ("model", "language", "task", "target_language"):
             value = getattr(args, name)
             if value:
                 form.append(value).set_content_disposition("form-data", name=name)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 ENV_PREFIX = "AIOTRANSCRIBE_"
 
@@ -28,10 +29,15 @@ class Settings:
     port: int = 8000
     """TCP port to listen on."""
 
-    models: tuple[str, ...] = ("demo",)
-    """Models to serve, each a `.nemo` path, a Hugging Face/NGC name
-    (``nvidia/parakeet-tdt-0.6b-v2``) or ``demo`` (the 41-word model shipped in the package).
-    The first one is the default for requests that do not name one."""
+    models: tuple[str, ...] = ()
+    """Models to serve, each ``SOURCE`` or ``NAME=SOURCE``; a source is a `.nemo` path, a
+    Hugging Face/NGC name (``nvidia/parakeet-tdt-0.6b-v2``) or ``demo`` (the 41-word model
+    shipped in the package). Served after those of ``models_file``; the first model of all is
+    the default for requests that do not name one. None at all: ``demo``."""
+
+    models_file: Path | None = None
+    """A TOML file with one ``[models.NAME]`` table per model (``source``, and optionally
+    ``decoder``, ``max_slice_s``, ``languages``, ``batch_size``, ``device``)."""
 
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
@@ -163,10 +169,6 @@ class Settings:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
-    @property
-    def default_model(self) -> str:
-        return self.models[0]
-
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
@@ -174,3 +176,147 @@ class Settings:
 def env_default(name: str, fallback: str | None = None) -> str | None:
     """The value of ``AIOTRANSCRIBE_<NAME>`` (flag name with dashes as underscores)."""
     return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), fallback)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+DECODERS = ("tdt", "ctc")
+MODEL_KEYS = ("source", "decoder", "max_slice_s", "languages", "batch_size", "device")
+
+
+class ModelsError(ValueError):
+    """The models to serve are not usable as configured (the message says which and why)."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One served model, from ``--model`` or a ``[models.NAME]`` table. Fields left None take
+    the server-wide setting (``batch_size``, ``device``) or the family's default."""
+
+    name: str
+    source: str
+    decoder: str | None = None
+    """Hybrid TDT/RNNT + CTC models: which head decodes (``tdt`` or ``ctc``)."""
+    max_slice_s: float | None = None
+    """Longest slice this model is given; caps ``chunk_seconds``."""
+    languages: tuple[str, ...] | None = None
+    """ISO 639-1 codes it transcribes, where its tokenizer does not say."""
+    batch_size: int | None = None
+    device: str | None = None
+    origin: str = "--model"
+    """Where it was configured (for error messages)."""
+
+    def engine_config(self) -> dict[str, Any]:
+        """What the worker needs to know besides source and device (plain data: it is
+        pickled to the worker process)."""
+        return {
+            "name": self.name,
+            "decoder": self.decoder,
+            "max_slice_s": self.max_slice_s,
+            "languages": list(self.languages) if self.languages is not None else None,
+        }
+
+
+def model_display_name(source: str) -> str:
+    """The name clients use for a model given without one: ``demo``, a hub name, or a
+    ``.nemo`` file's stem."""
+    if source == "demo":
+        return "demo"
+    if source.endswith(".nemo") or (os.sep in source and Path(source).exists()):
+        return Path(source).stem
+    return source
+
+
+def _model_from_table(name: str, table: Any, origin: str) -> ModelSettings:
+    if not isinstance(table, dict):
+        raise ModelsError(f"{origin}: [models.{name}] must be a table")
+    unknown = sorted(set(table) - set(MODEL_KEYS))
+    if unknown:
+        raise ModelsError(
+            f"{origin}: [models.{name}] has unknown keys {unknown} (known: {', '.join(MODEL_KEYS)})"
+        )
+    source = table.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ModelsError(
+            f'{origin}: [models.{name}] needs source = "demo", a .nemo path or a hub name'
+        )
+    decoder = table.get("decoder")
+    if decoder is not None and decoder not in DECODERS:
+        raise ModelsError(f"{origin}: [models.{name}] decoder must be one of {', '.join(DECODERS)}")
+    languages = table.get("languages")
+    if languages is not None and (
+        not isinstance(languages, list) or not all(isinstance(x, str) and x for x in languages)
+    ):
+        raise ModelsError(f"{origin}: [models.{name}] languages must be a list of codes")
+    try:
+        max_slice = float(table["max_slice_s"]) if "max_slice_s" in table else None
+        batch = int(table["batch_size"]) if "batch_size" in table else None
+    except (TypeError, ValueError) as exc:
+        raise ModelsError(f"{origin}: [models.{name}]: {exc}") from None
+    if (max_slice is not None and max_slice < 2) or (batch is not None and batch < 1):
+        raise ModelsError(f"{origin}: [models.{name}] max_slice_s must be >= 2, batch_size >= 1")
+    device = table.get("device")
+    return ModelSettings(
+        name=name,
+        source=source.strip(),
+        decoder=decoder,
+        max_slice_s=max_slice,
+        languages=tuple(x.lower() for x in languages) if languages is not None else None,
+        batch_size=batch,
+        device=str(device) if device is not None else None,
+        origin=origin,
+    )
+
+
+def _models_file(path: Path) -> list[ModelSettings]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ModelsError(f"cannot read models file {path}: {exc}") from None
+    tables = data.get("models")
+    if not isinstance(tables, dict) or not tables:
+        raise ModelsError(f"models file {path} has no [models.NAME] table")
+    base = path.parent
+    found = []
+    for name, table in tables.items():
+        model = _model_from_table(name, table, str(path))
+        source = model.source
+        if source.endswith(".nemo") and not Path(source).is_absolute():
+            # Relative paths are relative to the file, as users expect of a config file.
+            model = dataclasses.replace(model, source=str(base / source))
+        found.append(model)
+    return found
+
+
+def model_table(settings: Settings) -> dict[str, ModelSettings]:
+    """Every served model by name, in order (the first is the default). Raises
+    ``ModelsError`` for a bad models file or two models with one name."""
+    found = _models_file(settings.models_file) if settings.models_file is not None else []
+    for item in settings.models:
+        name, sep, source = item.partition("=")
+        if not sep or os.sep in name:  # a path may hold "=" too
+            name, source = model_display_name(item), item
+        name, source = name.strip(), source.strip()
+        if not name or not source:
+            raise ModelsError(f"--model {item!r}: expected SOURCE or NAME=SOURCE")
+        found.append(ModelSettings(name=name, source=source))
+    if not found:
+        found.append(ModelSettings(name="demo", source="demo"))
+    # The demo model knows English only (its tokenizer does not say so).
+    found = [
+        dataclasses.replace(m, languages=("en",))
+        if m.source == "demo" and m.languages is None
+        else m
+        for m in found
+    ]
+    table: dict[str, ModelSettings] = {}
+    for model in found:
+        other = table.get(model.name)
+        if other is not None:
+            raise ModelsError(
+                f"two models are named {model.name!r}: {other.source} ({other.origin}) and "
+                f"{model.source} ({model.origin}); give one another name (NAME=SOURCE or a "
+                "[models.NAME] table)"
+            )
+        table[model.name] = model
+    return table

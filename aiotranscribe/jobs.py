@@ -35,6 +35,10 @@ class Job:
     a restart."""
     language: str | None = None
     include_timestamps: bool = True
+    task: str = "transcribe"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Decoding options the model gets (language, task, target_language, punctuation):
+    empty for models that take no prompt."""
     upload_bytes: int = 0
     created_at: str = dataclasses.field(default_factory=utcnow_iso)
     status: str = PENDING

@@ -132,6 +132,7 @@ class Pipeline:
         timings.setdefault("audio_s", duration)
         segments = await self._infer(job, pool, wav, records, duration, timings)
         job.stage = "finalizing"
+        caps = pool.capabilities or {}
         result = build_result(
             segments,
             filename=job.filename,
@@ -141,6 +142,8 @@ class Pipeline:
             include_words=job.include_timestamps,
             finished_at=utcnow_iso(),
         )
+        result["task"] = job.task
+        result["word_timestamps"] = bool(caps.get("word_timestamps", True))
         result["job_id"] = job.id
         return result
 
@@ -252,11 +255,14 @@ class Pipeline:
         return await self.store.slices(job.id)
 
     def chunk_seconds(self, pool: InferencePool) -> float:
-        if self.settings.chunk_seconds:
-            return self.settings.chunk_seconds
-        # CPU inference is slow per slice; short slices give steady progress. A GPU eats
-        # long slices at once and pays per call.
-        return 60.0 if str(pool.info.get("device", "cpu")).startswith("cuda") else 20.0
+        """The slice length for ``pool``'s model: ``--chunk-seconds``, else 20 s on CPU (slow
+        per slice; short slices give steady progress) and 60 s on a GPU (it eats long slices
+        at once and pays per call); never above the model's ``max_slice_s`` (Canary: 40 s)."""
+        chosen = self.settings.chunk_seconds
+        if not chosen:
+            chosen = 60.0 if str(pool.info.get("device", "cpu")).startswith("cuda") else 20.0
+        cap = (pool.capabilities or {}).get("max_slice_s")
+        return min(chosen, float(cap)) if cap else chosen
 
     def _eta(self, pool: InferencePool, remaining_audio_s: float) -> float | None:
         speed = pool.stats.speed
@@ -281,7 +287,7 @@ class Pipeline:
         waiting = [r for r in records if r.state != DONE]
         queued_at = time.perf_counter()
         futures = pool.submit(
-            job.id, [(r.idx, str(wav), r.start_frame, r.num_frames) for r in waiting]
+            job.id, [(r.idx, str(wav), r.start_frame, r.num_frames) for r in waiting], job.options
         )
         index_of = {fut: r.idx for fut, r in zip(futures, waiting, strict=True)}
         first_done: float | None = None

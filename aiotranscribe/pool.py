@@ -109,6 +109,7 @@ class InferencePool:
         """The same, in words clients may see."""
         self._reason = "worker_failed"
         self.info: dict[str, Any] = {}
+        """What the worker said about the model at its last load (device, capabilities...)."""
         self.stats = PoolStats()
         self._task: asyncio.Task[None] | None = None
         self._inflight: list[SliceTask] = []
@@ -250,16 +251,21 @@ class InferencePool:
         raise ModelUnavailable(f"model {self.name!r} is still loading; try again shortly")
 
     def submit(
-        self, job_id: str, slices: list[tuple[int, str, int, int]]
+        self,
+        job_id: str,
+        slices: list[tuple[int, str, int, int]],
+        options: dict[str, Any] | None = None,
     ) -> list[asyncio.Future[dict[str, Any] | None]]:
-        """Queue ``(idx, path, start_frame, num_frames)`` slices of a job; one future each.
+        """Queue ``(idx, path, start_frame, num_frames)`` slices of a job, to be decoded with
+        ``options`` (language, task...: see ``engine.families``); one future each.
 
         Accepted while the model loads or its worker restarts: they wait in the queue."""
         if self.state in (FAILED, STOPPED):
             self.ensure_ready()
         loop = asyncio.get_running_loop()
+        group = tuple(sorted((options or {}).items()))
         tasks = [
-            SliceTask(job_id, idx, path, start, frames, loop.create_future())
+            SliceTask(job_id, idx, path, start, frames, loop.create_future(), group=group)
             for idx, path, start, frames in slices
         ]
         self.queue.put(tasks)
@@ -271,6 +277,12 @@ class InferencePool:
         tasks = self.queue.remove_job(job_id)
         self._fail(tasks, None)
         return len(tasks)
+
+    @property
+    def capabilities(self) -> dict[str, Any] | None:
+        """What the model can do (``engine.families``), once it has loaded; else None."""
+        caps = self.info.get("capabilities")
+        return dict(caps) if isinstance(caps, dict) else None
 
     @property
     def queued(self) -> int:
@@ -362,8 +374,9 @@ class InferencePool:
     async def _infer(self, tasks: list[SliceTask]) -> list[dict[str, Any]]:
         assert self.worker is not None
         started = time.perf_counter()
+        # A batch holds one group (SliceQueue.take), so one set of options serves it.
         results = await self.worker.transcribe(
-            [(t.path, t.start_frame, t.num_frames) for t in tasks]
+            [(t.path, t.start_frame, t.num_frames) for t in tasks], dict(tasks[0].group)
         )
         busy = time.perf_counter() - started
         audio = sum(t.num_frames for t in tasks) / self.sample_rate

@@ -21,7 +21,7 @@ import functools
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,9 @@ class Submission:
     language: str | None = None
     include_timestamps: bool = True
     tenant: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """Decoding options that reach the model (``decoding.allowed``)."""
+    task: str = "transcribe"
 
 
 def new_job_id() -> str:
@@ -116,6 +119,14 @@ class TranscriptionService:
         self.on_finish: list[Callable[[Job, dict[str, float]], None]] = []
 
     # -- names and admission -----------------------------------------------------------------
+
+    def capabilities(self, model: str) -> dict[str, Any] | None:
+        """What ``model`` can do (None until it has loaded), with the slice length in use."""
+        pool = self.pools[model]
+        caps = pool.capabilities
+        if caps is not None:
+            caps["max_slice_s"] = self.pipeline.chunk_seconds(pool)
+        return caps
 
     def resolve_model(self, requested: str | None) -> str:
         """The served model a request's ``model`` field names (seed aliases included)."""
@@ -182,6 +193,8 @@ class TranscriptionService:
             include_timestamps=sub.include_timestamps,
             upload_bytes=sub.size,
             tenant=sub.tenant,
+            options=sub.options,
+            task=sub.task,
         )
 
         async def commit_and_start() -> Job:

@@ -1,5 +1,6 @@
 """The slices waiting for one model: one FIFO per job, served round-robin, so a short job is
-not stuck behind a long one and a batch can mix slices of several jobs."""
+not stuck behind a long one and a batch can mix slices of several jobs, as long as they are
+decoded the same way (same ``group``: language, task, punctuation)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class SliceTask:
     """The lease epoch its result must be committed with."""
     computed: bool = False
     """Its result is waiting to be committed."""
+    group: tuple[tuple[str, Any], ...] = ()
+    """How it is decoded (the job's prompt options, sorted items): one model call decodes
+    under one prompt, so slices of different groups never share a batch."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -56,16 +60,28 @@ class SliceQueue:
         self.changed.set()
 
     def take(self, limit: int) -> list[SliceTask]:
+        """Up to ``limit`` slices of the group the first job in line wants, round-robin over
+        the jobs of that group; jobs of other groups keep their place at the head of the line."""
         batch: list[SliceTask] = []
-        while self._waiting and len(batch) < limit:
-            job_id, queue = next(iter(self._waiting.items()))
-            batch.append(queue.popleft())
-            self._count -= 1
-            # Round-robin: the job goes to the back of the line after giving one slice.
-            if queue:
-                self._waiting.move_to_end(job_id)
-            else:
-                del self._waiting[job_id]
+        if not self._waiting:
+            return batch
+        group = next(iter(self._waiting.values()))[0].group
+        while len(batch) < limit:
+            taken = False
+            for job_id in list(self._waiting):
+                queue = self._waiting[job_id]
+                if len(batch) >= limit or queue[0].group != group:
+                    continue
+                batch.append(queue.popleft())
+                self._count -= 1
+                taken = True
+                # Round-robin: the job goes to the back of the line after giving one slice.
+                if queue:
+                    self._waiting.move_to_end(job_id)
+                else:
+                    del self._waiting[job_id]
+            if not taken:
+                break
         return batch
 
     def remove_job(self, job_id: str) -> list[SliceTask]:

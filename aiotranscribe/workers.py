@@ -25,6 +25,9 @@ PUBLIC_REASONS = {
     "hub_unavailable": "it is not in the local Hugging Face/NGC cache and the hub cannot be "
     "reached (serve a .nemo path instead)",
     "device_unavailable": "the configured device is not available",
+    "unsupported_model": "it is not a model class this server serves (supported: CTC, RNNT, "
+    "TDT, hybrid TDT/RNNT + CTC, and Canary multitask models)",
+    "self_check_failed": "it loaded but could not transcribe a test clip",
     "inference_failed": "the model failed on this audio",
     "worker_crashed": "the model worker process died",
     "internal_error": "internal error",
@@ -54,7 +57,9 @@ class WorkerCrashed(WorkerError):
 class Worker(Protocol):
     async def load(self) -> dict[str, Any]: ...
 
-    async def transcribe(self, slices: list[tuple[str, int, int]]) -> list[dict[str, Any]]: ...
+    async def transcribe(
+        self, slices: list[tuple[str, int, int]], options: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]: ...
 
     async def stop(self, timeout: float = 5.0) -> None: ...
 
@@ -65,10 +70,17 @@ class Worker(Protocol):
 class ProcessWorker:
     """A model in a child process started with ``spawn`` (CUDA cannot live in a forked child)."""
 
-    def __init__(self, spec: str, device: str, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        device: str,
+        threads: int | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.spec = spec
         self.device = device
         self.threads = threads
+        self.config = dict(config or {})
         self._ctx = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Any = None
@@ -87,7 +99,7 @@ class ProcessWorker:
         parent, child = self._ctx.Pipe()
         self._process = self._ctx.Process(
             target=worker.main,
-            args=(child, self.spec, self.device, self.threads),
+            args=(child, self.spec, self.device, self.threads, self.config),
             name="aiotranscribe-worker",
             daemon=True,
         )
@@ -117,8 +129,10 @@ class ProcessWorker:
         info: dict[str, Any] = await self._call("load")
         return info
 
-    async def transcribe(self, slices: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self._call("transcribe", slices)
+    async def transcribe(
+        self, slices: list[tuple[str, int, int]], options: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call("transcribe", (slices, options or {}))
         return result
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -151,10 +165,16 @@ class ThreadWorker:
     A running batch cannot be interrupted; ``stop`` waits for it.
     """
 
-    def __init__(self, spec: str, device: str, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        device: str,
+        threads: int | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         from aiotranscribe.engine.nemo_engine import NemoEngine
 
-        self._engine = NemoEngine(spec, device, threads)
+        self._engine = NemoEngine(spec, device, threads, config)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._model_lock = threading.Lock()
 
@@ -185,8 +205,12 @@ class ThreadWorker:
         info: dict[str, Any] = await self._run(self._engine.load)
         return info
 
-    async def transcribe(self, slices: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self._run(self._engine.transcribe, slices)
+    async def transcribe(
+        self, slices: list[tuple[str, int, int]], options: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._run(
+            self._engine.transcribe, slices, options or {}
+        )
         return result
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -194,7 +218,14 @@ class ThreadWorker:
         await loop.run_in_executor(None, lambda: self._io.shutdown(wait=True, cancel_futures=True))
 
 
-def make_worker(executor: str, spec: str, device: str, threads: int | None = None) -> Worker:
+def make_worker(
+    executor: str,
+    spec: str,
+    device: str,
+    threads: int | None = None,
+    config: dict[str, Any] | None = None,
+) -> Worker:
+    """A worker for model ``spec``; ``config`` is its ``ModelSettings.engine_config()``."""
     if executor == "thread":
-        return ThreadWorker(spec, device, threads)
-    return ProcessWorker(spec, device, threads)
+        return ThreadWorker(spec, device, threads, config)
+    return ProcessWorker(spec, device, threads, config)

@@ -35,6 +35,7 @@ const state = {
   jobId: null, // the job on screen
   follower: null, // {stop} while following it
   cancelling: false,
+  capabilities: {}, // model name -> what it can do (from /health), null while unknown
 };
 // Object URLs of the local audio by job id, so a job reopened in this tab still plays.
 // They die with the page; after a reload the user can attach the file again.
@@ -170,6 +171,10 @@ async function startJob() {
   // The model field only shows (and is only sent) when the server offers a choice.
   const model = $("model-field").hidden ? "" : $("model").value;
   const fields = { language: $("language").value.trim(), model };
+  if (!$("task-field").hidden && $("task").value === "translate") {
+    fields.task = "translate";
+    fields.target_language = $("target-language").value.trim();
+  }
   const upload = uploadAudio(file, fields, (f) => setBar("upload-progress", "upload-pct", f));
   state.upload = upload;
   updateControls();
@@ -457,16 +462,39 @@ function refreshList() {
 // ---------------------------------------------------------------------------------------
 // Server status and the model picker
 
-function fillModels(names) {
+function fillModels(models) {
+  state.capabilities = Object.fromEntries(models.map((m) => [m.name, m.capabilities || null]));
+  const names = models.map((m) => m.name);
   const select = $("model");
   const have = [...select.options].map((o) => o.value).join("\n");
-  if (have === names.join("\n")) return;
-  const chosen = select.value;
-  select.replaceChildren(...names.map((n) => new Option(n, n)));
-  if (names.includes(chosen)) select.value = chosen;
-  // One model: no choice to make, and the field would only be noise.
-  $("model-field").hidden = names.length < 2;
+  if (have !== names.join("\n")) {
+    const chosen = select.value;
+    select.replaceChildren(...names.map((n) => new Option(n, n)));
+    if (names.includes(chosen)) select.value = chosen;
+    // One model: no choice to make, and the field would only be noise.
+    $("model-field").hidden = names.length < 2;
+  }
+  offerDecoding();
 }
+
+// Language and task are offered only where the chosen model has them (its capabilities,
+// from /health); a model whose languages are unknown takes a language as a hint.
+function offerDecoding() {
+  const caps = (state.capabilities || {})[$("model").value || ""] || null;
+  const languages = caps && caps.languages;
+  $("languages").replaceChildren(...(languages || []).map((code) => new Option(code, code)));
+  $("language-help").textContent = !caps
+    ? "Leave empty for the model's default."
+    : languages
+      ? `This model takes: ${languages.join(", ")}. Leave empty for its default.`
+      : "A hint only: this model does not say which languages it knows.";
+  const translates = Boolean(caps && (caps.tasks || []).includes("translate"));
+  $("task-field").hidden = !translates;
+  if (!translates) $("task").value = "transcribe";
+  $("target-field").hidden = !translates || $("task").value !== "translate";
+}
+$("model").addEventListener("change", offerDecoding);
+$("task").addEventListener("change", offerDecoding);
 
 // ---------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ export function watchHealth(box, onModels) {
         line += ` · ${m.name}: ${m.state}`;
       }
       text.textContent = line;
-      onModels(models.map((m) => m.name));
+      onModels(models);
       if (state !== "ready") next = LOADING_POLL_MS;
     } catch {
       box.dataset.state = "down";

@@ -276,9 +276,11 @@ class SlowWorker:
     async def load(self) -> dict[str, Any]:
         return await self.inner.load()
 
-    async def transcribe(self, slices: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    async def transcribe(
+        self, slices: list[tuple[str, int, int]], options: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         await asyncio.sleep(self.delay)
-        return await self.inner.transcribe(slices)
+        return await self.inner.transcribe(slices, options)
 
     async def stop(self, timeout: float = 5.0) -> None:
         await self.inner.stop(timeout)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from aiotranscribe.admission import QueueFull
 from aiotranscribe.audio import AudioError
+from aiotranscribe.decoding import OptionError
 from aiotranscribe.keys import settings_key
 from aiotranscribe.metrics import CLIENT_CLOSED
 from aiotranscribe.pool import ModelUnavailable
@@ -33,9 +34,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ):
         super().__init__(detail)
         self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+        self.param = param
+        """The request field at fault (OpenAI's error ``param``), where one is."""
 
 
 def error_response(
@@ -50,6 +60,8 @@ def to_api_error(exc: Exception) -> ApiError | None:
         return exc
     if isinstance(exc, (UploadError, AudioError)):
         return ApiError(exc.status, exc.code, exc.detail)
+    if isinstance(exc, OptionError):
+        return ApiError(400, exc.code, exc.detail, param=exc.param)
     if isinstance(exc, UnknownModel):
         return ApiError(400, "unknown_model", exc.detail)
     if isinstance(exc, JobGone):

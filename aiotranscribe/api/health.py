@@ -12,6 +12,7 @@ routes = web.RouteTableDef()
 @routes.get("/health")
 async def health(request: web.Request) -> web.StreamResponse:
     pools = request.app[pools_key]
+    service = request.app[service_key]
     default = next(iter(pools.values()))
     loaded = default.state == "ready"
     return web.json_response(
@@ -25,6 +26,7 @@ async def health(request: web.Request) -> web.StreamResponse:
                     "state": pool.state,
                     "error": pool.public_error,
                     "device": pool.info.get("device"),
+                    "capabilities": service.capabilities(pool.name),
                     "queued_slices": pool.queued,
                 }
                 for pool in pools.values()

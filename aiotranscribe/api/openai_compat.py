@@ -1,4 +1,5 @@
-"""OpenAI's audio API: ``POST /v1/audio/transcriptions`` and ``GET /v1/models``.
+"""OpenAI's audio API: ``POST /v1/audio/transcriptions``, ``/v1/audio/translations`` and
+``GET /v1/models``.
 
 Requests go through the same upload and job machinery as ``/transcribe``; only the form's
 extra fields, the answer's shape and the error shape (``{"error": {message, type, param,
@@ -64,8 +65,7 @@ class ParamError(ApiError):
     """A bad form field, named in the error's ``param``."""
 
     def __init__(self, param: str, detail: str) -> None:
-        super().__init__(400, "invalid_value", detail)
-        self.param = param
+        super().__init__(400, "invalid_value", detail, param=param)
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,18 @@ def parse_options(upload: Upload) -> Options:
 
 @routes.post("/v1/audio/transcriptions")
 async def create_transcription(request: web.Request) -> web.StreamResponse:
+    return await create(request, translate=False)
+
+
+@routes.post("/v1/audio/translations")
+async def create_translation(request: web.Request) -> web.StreamResponse:
+    """OpenAI's translation: speech in any language the model takes, text in English (or our
+    extension ``target_language``). A model that cannot translate answers 400
+    ``unsupported_task``."""
+    return await create(request, translate=True)
+
+
+async def create(request: web.Request, translate: bool) -> web.StreamResponse:
     service = request.app[service_key]
     options = Options()
 
@@ -119,6 +131,9 @@ async def create_transcription(request: web.Request) -> web.StreamResponse:
         options = parse_options(upload)
         if upload.fields.get("model") == DEFAULT_ALIAS and DEFAULT_ALIAS not in service.pools:
             upload.fields["model"] = ""  # the service resolves an empty name to the default
+        if translate:
+            upload.fields["task"] = "translate"
+            upload.fields.setdefault("target_language", "en")
 
     job_id, submission, _ = await receive_submission(request, check)
     await service.accept(job_id, submission)
@@ -269,8 +284,15 @@ async def follow(
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.StreamResponse:
     data = [
-        {"id": name, "object": "model", "created": STARTED, "owned_by": "aiotranscribe"}
-        for name in request.app[pools_key]
+        {
+            "id": name,
+            "object": "model",
+            "created": STARTED,
+            "owned_by": "aiotranscribe",
+            "state": pool.state,
+            "capabilities": request.app[service_key].capabilities(name),
+        }
+        for name, pool in request.app[pools_key].items()
     ]
     return web.json_response({"object": "list", "data": data})
 
@@ -279,7 +301,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 
 def param_of(api: ApiError) -> str | None:
-    if isinstance(api, ParamError):
+    if api.param is not None:
         return api.param
     if api.code in FILE_CODES:
         return "file"

@@ -62,6 +62,29 @@ TRANSCRIPTION = obj(
     language=nullable(STR),
     duration={**SECONDS, "description": "Audio length in seconds"},
     job_id=STR,
+    task={"type": "string", "enum": ["transcribe", "translate"]},
+    word_timestamps={
+        "type": "boolean",
+        "description": "Whether the model gave word times (false: no words, segment times "
+        "from slice bounds)",
+    },
+)
+CAPABILITIES = obj(
+    ["family", "class", "languages", "tasks", "punctuation", "word_timestamps", "max_slice_s"],
+    family={"type": "string", "enum": ["ctc", "rnnt", "tdt", "hybrid", "aed"]},
+    **{"class": {"type": "string", "description": "The NeMo model class"}},
+    languages={
+        **nullable({"type": "array", "items": STR}),
+        "description": "ISO 639-1 codes it takes; null: unknown (language is a hint only)",
+    },
+    language_hint_only=BOOL,
+    tasks={"type": "array", "items": {"type": "string", "enum": ["transcribe", "translate"]}},
+    punctuation={"type": "boolean", "description": "Whether `punctuation` can switch it"},
+    word_timestamps=BOOL,
+    decoder=nullable(STR),
+    max_slice_s=nullable(NUM),
+    sample_rate=INT,
+    prompt_format=STR,
 )
 JOB_INFO = obj(
     ["job_id", "status", "filename", "created_at", "completed_at", "error", "result"],
@@ -213,6 +236,7 @@ SCHEMAS: dict[str, Schema] = {
                 state={"type": "string", "enum": ["loading", "ready", "failed", "stopped"]},
                 error=nullable(STR),
                 device=nullable(STR),
+                capabilities=nullable(ref("Capabilities")),
                 queued_slices=INT,
             ),
         },
@@ -222,6 +246,7 @@ SCHEMAS: dict[str, Schema] = {
         draining=BOOL,
         models={"type": "object", "additionalProperties": STR},
     ),
+    "Capabilities": CAPABILITIES,
     "Usage": USAGE,
     "OpenAITranscription": obj(["text"], text=STR, usage=ref("Usage")),
     "VerboseSegment": VERBOSE_SEGMENT,
@@ -235,6 +260,8 @@ SCHEMAS: dict[str, Schema] = {
                 object={"type": "string", "const": "model"},
                 created=INT,
                 owned_by=STR,
+                state={"type": "string", "enum": ["loading", "ready", "failed", "stopped"]},
+                capabilities=nullable(ref("Capabilities")),
             ),
         },
     ),
@@ -265,6 +292,28 @@ SCHEMAS: dict[str, Schema] = {
 
 # -- request bodies -------------------------------------------------------------------------
 
+DECODING_FIELDS: dict[str, Schema] = {
+    "language": {
+        "type": "string",
+        "description": "ISO 639-1 code of the speech, e.g. `en`: Canary's source language; "
+        "a hint (recorded in the result) for models that take no language. One the model "
+        "cannot do is 400 `unsupported_language`.",
+    },
+    "task": {
+        "type": "string",
+        "enum": ["transcribe", "translate"],
+        "default": "transcribe",
+        "description": "Models that cannot translate answer 400 `unsupported_task`",
+    },
+    "target_language": {
+        "type": "string",
+        "description": "Language of the text when translating (default `en`)",
+    },
+    "punctuation": {
+        "type": "boolean",
+        "description": "Canary's punctuation and capitalisation (default: the model's)",
+    },
+}
 SEED_FORM: Schema = {
     "type": "object",
     "required": ["file"],
@@ -279,7 +328,7 @@ SEED_FORM: Schema = {
             "description": "A served model's name (GET /health lists them); default: the "
             "first. With one model served, `parakeet` and `canary` also name it.",
         },
-        "language": {"type": "string", "description": "Recorded in the result, e.g. `en`"},
+        **DECODING_FIELDS,
         "include_timestamps": {
             "type": "boolean",
             "default": True,
@@ -301,7 +350,7 @@ OPENAI_FORM: Schema = {
             "description": "A served model's name (GET /v1/models), or `whisper-1` for the "
             "default model. Default: the default model.",
         },
-        "language": {"type": "string", "description": "ISO-639-1 code, e.g. `en`"},
+        **DECODING_FIELDS,
         "prompt": {"type": "string", "description": "Accepted for compatibility; unused"},
         "response_format": {"type": "string", "enum": list(FORMATS), "default": "json"},
         "temperature": {
@@ -434,6 +483,43 @@ def websocket_description() -> str:
     for name, schema in EVENTS.items():
         lines += [f"**{name}**", "", "```json", json.dumps(schema, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def openai_audio(summary: str, operation: str, intro: str) -> Schema:
+    """OpenAI's transcription and translation routes: one form, one answer shape."""
+    return {
+        "post": {
+            "tags": ["openai"],
+            "summary": summary,
+            "description": f"{intro} Errors use OpenAI's shape. With `stream=true` the answer "
+            "is server-sent events whose `data` is a `TranscriptStreamEvent`: a "
+            "`transcript.text.delta` per segment, then `transcript.text.done`. A client that "
+            "disconnects cancels its job.",
+            "operationId": operation,
+            "requestBody": form(OPENAI_FORM),
+            "responses": {
+                "200": {
+                    "description": "The transcript in the asked format",
+                    "headers": {
+                        "X-Job-ID": {
+                            "description": "The job (also at /jobs/{job_id}/...)",
+                            "schema": STR,
+                        }
+                    },
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "anyOf": [ref("OpenAITranscription"), ref("VerboseTranscription")]
+                            }
+                        },
+                        **RENDERED,
+                        "text/event-stream": {"schema": SSE_EVENT},
+                    },
+                },
+                **errors(409, *UPLOAD_ERRORS, schema="OpenAIError"),
+            },
+        }
+    }
 
 
 def paths() -> dict[str, Schema]:
@@ -576,42 +662,17 @@ def paths() -> dict[str, Schema]:
                 },
             }
         },
-        "/v1/audio/transcriptions": {
-            "post": {
-                "tags": ["openai"],
-                "summary": "OpenAI-compatible transcription",
-                "description": "Compatible with OpenAI's `audio.transcriptions.create`. Errors "
-                "use OpenAI's shape. With `stream=true` the answer is server-sent events whose "
-                "`data` is a `TranscriptStreamEvent`: a `transcript.text.delta` per segment, "
-                "then `transcript.text.done`. A client that disconnects cancels its job.",
-                "operationId": "createTranscription",
-                "requestBody": form(OPENAI_FORM),
-                "responses": {
-                    "200": {
-                        "description": "The transcript in the asked format",
-                        "headers": {
-                            "X-Job-ID": {
-                                "description": "The job (also at /jobs/{job_id}/...)",
-                                "schema": STR,
-                            }
-                        },
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "anyOf": [
-                                        ref("OpenAITranscription"),
-                                        ref("VerboseTranscription"),
-                                    ]
-                                }
-                            },
-                            **RENDERED,
-                            "text/event-stream": {"schema": SSE_EVENT},
-                        },
-                    },
-                    **errors(409, *UPLOAD_ERRORS, schema="OpenAIError"),
-                },
-            }
-        },
+        "/v1/audio/transcriptions": openai_audio(
+            "OpenAI-compatible transcription",
+            "createTranscription",
+            "Compatible with OpenAI's `audio.transcriptions.create`.",
+        ),
+        "/v1/audio/translations": openai_audio(
+            "OpenAI-compatible translation (into English)",
+            "createTranslation",
+            "Compatible with OpenAI's `audio.translations.create`: text in English (or "
+            "`target_language`); 400 `unsupported_task` when the model cannot translate.",
+        ),
         "/v1/models": {
             "get": {
                 "tags": ["openai"],

@@ -10,6 +10,7 @@ from typing import TypeVar
 import structlog
 from aiohttp import web
 
+from aiotranscribe import decoding
 from aiotranscribe.api.access import TENANT
 from aiotranscribe.api.bodyrate import within_body_rate
 from aiotranscribe.api.errors import CLIENT_CLOSED, ApiError, error_response
@@ -72,6 +73,10 @@ async def receive_submission(
         include = parse_bool(
             "include_timestamps", upload.fields.get("include_timestamps"), default=True
         )
+        # The pool can take work now, so it has loaded once and knows what it can do.
+        options = decoding.allowed(
+            decoding.requested(upload.fields), model, service.pools[model].capabilities
+        )
     except BaseException:
         service.abandon(job_id)
         raise
@@ -86,6 +91,8 @@ async def receive_submission(
         language=language,
         include_timestamps=include,
         tenant=request.get(TENANT),
+        options=options,
+        task=options.get("task", decoding.TRANSCRIBE),
     )
     return job_id, submission, upload
 
@@ -202,7 +209,6 @@ async def job_result(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/jobs/{job_id}/cancel")
-@routes.delete("/jobs/{job_id}")
 async def job_cancel(request: web.Request) -> web.StreamResponse:
     job = await get_job(request)
     if job.terminal:

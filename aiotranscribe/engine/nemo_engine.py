@@ -7,13 +7,14 @@ train/eval and dither on shared modules), so callers keep one call in flight per
 from __future__ import annotations
 
 import logging
-import os
 import time
 import wave
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from aiotranscribe.engine.families import Family, UnsupportedModel, adapter_for
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo.nemo"
 
@@ -28,15 +29,6 @@ class ModelLoadError(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def model_display_name(spec: str) -> str:
-    """The name clients use for a model: ``demo``, a hub name, or a ``.nemo`` file's stem."""
-    if spec == "demo":
-        return "demo"
-    if spec.endswith(".nemo") or (os.sep in spec and Path(spec).exists()):
-        return Path(spec).stem
-    return spec
 
 
 def resolve_device(device: str) -> str:
@@ -54,6 +46,7 @@ def resolve_device(device: str) -> str:
 def _load_model(spec: str, device: str) -> Any:
     import torch
     from nemo.collections.asr.models import ASRModel
+    from nemo.core.classes.modelPT import ModelPT
     from nemo.utils import logging as nemo_logging
 
     # NeMo prints an info line on stdout for every transcribe call; keep warnings only.
@@ -64,7 +57,9 @@ def _load_model(spec: str, device: str) -> Any:
         if not path.is_file():
             raise ModelLoadError("model_not_found", f"model file not found: {path}")
         try:
-            return ASRModel.restore_from(str(path), map_location=map_location)
+            # ModelPT, not ASRModel: restore whatever class the file holds, so that one we do
+            # not serve is named as such (engine.families) rather than failing obscurely.
+            return ModelPT.restore_from(str(path), map_location=map_location)
         except Exception as exc:
             raise ModelLoadError("model_unreadable", f"could not restore {path}: {exc}") from exc
     try:
@@ -85,37 +80,28 @@ def read_slice(path: str, start_frame: int, num_frames: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def _words_of(hyp: Any, duration: float) -> list[dict[str, Any]]:
-    stamps = getattr(hyp, "timestamp", None) or {}
-    words = []
-    for item in stamps.get("word", []) or []:
-        text = str(item.get("word", "")).strip()
-        if not text:
-            continue
-        start = min(max(float(item.get("start", 0.0)), 0.0), duration)
-        end = min(max(float(item.get("end", start)), start), duration)
-        words.append({"word": text, "start": round(start, 3), "end": round(end, 3)})
-    if words or not hyp.text.strip():
-        return words
-    # A model that gives no word times: spread the words evenly so clients still get them.
-    tokens = hyp.text.split()
-    step = duration / max(len(tokens), 1)
-    return [
-        {"word": t, "start": round(i * step, 3), "end": round((i + 1) * step, 3)}
-        for i, t in enumerate(tokens)
-    ]
-
-
 class NemoEngine:
-    def __init__(self, spec: str, device: str = "auto", threads: int | None = None) -> None:
+    """``config`` is the model's settings as plain data (``name``, ``decoder``,
+    ``max_slice_s``, ``languages``: see ``config.ModelSettings.engine_config``)."""
+
+    def __init__(
+        self,
+        spec: str,
+        device: str = "auto",
+        threads: int | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.spec = spec
         self.requested_device = device
         self.threads = threads
+        self.config = dict(config or {})
         self.model: Any = None
+        self.family: Family | None = None
         self.info: dict[str, Any] = {}
 
     def load(self) -> dict[str, Any]:
-        """Load the model; returns plain facts about it (name, device, sample rate, load time)."""
+        """Load the model and prove it transcribes; returns plain facts about it (name,
+        device, sample rate, load time, capabilities)."""
         started = time.perf_counter()
         if self.threads:
             import torch
@@ -124,25 +110,65 @@ class NemoEngine:
         device = resolve_device(self.requested_device)
         model = _load_model(self.spec, device)
         model.eval()
-        self.model = model
-        self.sample_rate = int(model.cfg.get("sample_rate", 16000))
+        try:
+            family = adapter_for(model, self.config)
+        except (UnsupportedModel, ValueError) as exc:
+            raise ModelLoadError("unsupported_model", str(exc)) from exc
+        self.model, self.family = model, family
+        self.sample_rate = family.sample_rate
+        self._self_check()
         self.info = {
-            "name": model_display_name(self.spec),
+            "name": self.config.get("name") or self.spec,
             "spec": self.spec,
             "device": device,
             "sample_rate": self.sample_rate,
             "class": type(model).__name__,
+            "capabilities": family.capabilities(),
             "load_s": round(time.perf_counter() - started, 3),
         }
         return self.info
 
-    def transcribe(self, slices: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
-        """Transcribe slices ``(wav_path, start_frame, num_frames)`` of 16 kHz mono WAVs.
+    def _self_check(self) -> None:
+        """A short clip, then a two-item batch, with the model's default options: a model
+        that cannot do this would fail every request, so it must not be called healthy."""
+        rng = np.random.default_rng(0)
+        clip = (rng.standard_normal(int(1.5 * self.sample_rate)) * 0.01).astype(np.float32)
+        try:
+            self._run([clip], {})
+            self._run([clip, clip[: self.sample_rate]], {})
+        except Exception as exc:
+            raise ModelLoadError(
+                "self_check_failed",
+                f"{self.spec} loaded but could not transcribe a test clip: "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+
+    def _run(self, audio: list[np.ndarray], options: dict[str, Any]) -> list[Any]:
+        assert self.family is not None
+        model = self.model
+        # transcribe() leaves modules in train mode and restore_from() returns train mode:
+        # eval() before every call, and no dither so results are repeatable.
+        model.eval()
+        featurizer = getattr(getattr(model, "preprocessor", None), "featurizer", None)
+        if featurizer is not None and hasattr(featurizer, "dither"):
+            featurizer.dither = 0.0
+        import torch
+
+        with torch.inference_mode():
+            return self.family.transcribe(audio, options)
+
+    def transcribe(
+        self, slices: list[tuple[str, int, int]], options: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Transcribe slices ``(wav_path, start_frame, num_frames)`` of 16 kHz mono WAVs, all
+        with the same ``options`` (``language``, ``task``, ``target_language``,
+        ``punctuation``; checked by the server against the capabilities).
 
         Returns one ``{"text", "words": [{word, start, end}], "infer_s"}`` per slice, times in
-        seconds from the slice's start, as plain floats.
+        seconds from the slice's start, as plain floats; ``words`` is empty when the model
+        gives no word times.
         """
-        if self.model is None:
+        if self.family is None:
             raise RuntimeError("model not loaded")
         min_frames = int(MIN_SLICE_SECONDS * self.sample_rate) + 1
         audio = []
@@ -154,23 +180,10 @@ class NemoEngine:
                 samples = np.pad(samples, (0, min_frames - len(samples)))
             audio.append(samples)
         started = time.perf_counter()
-        model = self.model
-        # transcribe() leaves modules in train mode and restore_from() returns train mode:
-        # eval() before every call, and no dither so results are repeatable.
-        model.eval()
-        featurizer = getattr(getattr(model, "preprocessor", None), "featurizer", None)
-        if featurizer is not None and hasattr(featurizer, "dither"):
-            featurizer.dither = 0.0
-        import torch
-
-        with torch.inference_mode():
-            hyps = model.transcribe(
-                audio, batch_size=len(audio), timestamps=True, verbose=False, num_workers=0
-            )
-        if isinstance(hyps, tuple):  # some models return (best, all)
-            hyps = hyps[0]
+        hyps = self._run(audio, options or {})
         elapsed = time.perf_counter() - started
+        family = self.family
         return [
-            {"text": str(h.text).strip(), "words": _words_of(h, d), "infer_s": elapsed}
+            {"text": str(h.text).strip(), "words": family.words(h, d), "infer_s": elapsed}
             for h, d in zip(hyps, durations, strict=True)
         ]

@@ -20,7 +20,8 @@ def handle(engine: NemoEngine, op: str, payload: Any) -> tuple[Any, ...]:
         if op == "load":
             return ("ok", engine.load())
         if op == "transcribe":
-            return ("ok", engine.transcribe(payload))
+            slices, options = payload
+            return ("ok", engine.transcribe(slices, options))
         return ("error", "bad_request", f"unknown op {op!r}")
     except ModelLoadError as exc:
         return ("error", exc.code, str(exc))
@@ -28,11 +29,17 @@ def handle(engine: NemoEngine, op: str, payload: Any) -> tuple[Any, ...]:
         return ("error", "inference_failed", f"{type(exc).__name__}: {exc}")
 
 
-def main(conn: Connection, spec: str, device: str, threads: int | None = None) -> None:
+def main(
+    conn: Connection,
+    spec: str,
+    device: str,
+    threads: int | None = None,
+    config: dict[str, Any] | None = None,
+) -> None:
     # Ctrl-C in a terminal goes to the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    engine = NemoEngine(spec, device, threads)
+    engine = NemoEngine(spec, device, threads, config)
     while True:
         try:
             op, payload = conn.recv()

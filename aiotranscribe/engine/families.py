@@ -1,0 +1,268 @@
+"""One adapter per NeMo model family: how it is called, what it can do, what its output means.
+
+Families (chosen from the loaded model's class, most specific first):
+
+- ``hybrid``: ``EncDecHybridRNNTCTCModel`` (parakeet-tdt_ctc): a TDT/RNNT head and a CTC head;
+  ``decoder`` picks which one decodes.
+- ``tdt`` / ``rnnt``: ``EncDecRNNTModel`` (parakeet-tdt, parakeet-rnnt).
+- ``ctc``: ``EncDecCTCModel`` (parakeet-ctc, the demo model).
+- ``aed``: ``EncDecMultiTaskModel`` (canary): an attention encoder-decoder steered by a
+  prompt (source and target language, task, punctuation).
+
+Request options are plain values (``language``, ``task``, ``target_language``,
+``punctuation``); the server has checked them against ``capabilities()`` already. The module
+imports nothing of the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+TRANSCRIBE, TRANSLATE = "transcribe", "translate"
+SUPPORTED_CLASSES = (
+    "EncDecCTCModel",
+    "EncDecCTCModelBPE",
+    "EncDecRNNTModel",
+    "EncDecRNNTBPEModel",
+    "EncDecHybridRNNTCTCModel",
+    "EncDecHybridRNNTCTCBPEModel",
+    "EncDecMultiTaskModel",
+)
+# Canary is trained on utterances of at most 40 s; the transducers and CTC take longer ones.
+AED_MAX_SLICE_S = 40.0
+
+
+class UnsupportedModel(ValueError):
+    """The model is of a class this server cannot serve."""
+
+
+def words_of(hyp: Any, duration: float) -> list[dict[str, Any]]:
+    """The model's word times, clamped to the slice; none when the model gives none."""
+    stamps = getattr(hyp, "timestamp", None) or {}
+    words = []
+    for item in stamps.get("word", []) or []:
+        text = str(item.get("word", "")).strip()
+        if not text or "start" not in item:
+            continue
+        start = min(max(float(item["start"]), 0.0), duration)
+        end = min(max(float(item.get("end", start)), start), duration)
+        words.append({"word": text, "start": round(start, 3), "end": round(end, 3)})
+    return words
+
+
+def _is_tdt(cfg: Any) -> bool:
+    decoding = cfg.get("decoding") or {}
+    return decoding.get("model_type") == "tdt" or bool(
+        (cfg.get("model_defaults") or {}).get("tdt_durations")
+    )
+
+
+class Family:
+    """CTC: one call, word times from the decoder's timestamps."""
+
+    name = "ctc"
+    word_timestamps = True
+    max_slice_s: float | None = None
+
+    def __init__(self, model: Any, config: dict[str, Any]) -> None:
+        self.model = model
+        self.config = config
+        self.sample_rate = int(model.cfg.get("sample_rate", 16000))
+
+    def languages(self) -> list[str] | None:
+        """ISO 639-1 codes the model takes, or None when nobody says (``language`` is then
+        only a hint)."""
+        configured = self.config.get("languages")
+        return list(configured) if configured else None
+
+    def decoder(self) -> str | None:
+        return None
+
+    def capabilities(self) -> dict[str, Any]:
+        languages = self.languages()
+        return {
+            "family": self.name,
+            "class": type(self.model).__name__,
+            "languages": languages,
+            "language_hint_only": languages is None,
+            "tasks": [TRANSCRIBE],
+            "punctuation": False,
+            "word_timestamps": self.word_timestamps,
+            "decoder": self.decoder(),
+            "max_slice_s": self.config.get("max_slice_s") or self.max_slice_s,
+            "sample_rate": self.sample_rate,
+        }
+
+    def transcribe(self, audio: list[np.ndarray], options: dict[str, Any]) -> list[Any]:
+        hyps = self.model.transcribe(
+            audio, batch_size=len(audio), timestamps=True, verbose=False, num_workers=0
+        )
+        return _best(hyps)
+
+    def words(self, hyp: Any, duration: float) -> list[dict[str, Any]]:
+        return words_of(hyp, duration) if self.word_timestamps else []
+
+
+class Transducer(Family):
+    """RNNT and TDT: called like CTC."""
+
+    def __init__(self, model: Any, config: dict[str, Any]) -> None:
+        super().__init__(model, config)
+        self.name = "tdt" if _is_tdt(model.cfg) else "rnnt"
+
+
+class Hybrid(Transducer):
+    """TDT/RNNT + CTC heads; ``decoder`` (``tdt``/``rnnt`` or ``ctc``) picks the one used."""
+
+    name = "hybrid"
+
+    def __init__(self, model: Any, config: dict[str, Any]) -> None:
+        super().__init__(model, config)
+        self.head = "tdt" if _is_tdt(model.cfg) else "rnnt"
+        self.name = "hybrid"
+        wanted = config.get("decoder") or self.head
+        if wanted == "ctc":
+            model.change_decoding_strategy(decoder_type="ctc", verbose=False)
+        elif wanted in ("tdt", "rnnt"):
+            model.change_decoding_strategy(decoder_type="rnnt", verbose=False)
+        else:
+            raise ValueError(f"decoder {wanted!r}: choose tdt or ctc")
+        self._decoder = "ctc" if wanted == "ctc" else self.head
+
+    def decoder(self) -> str | None:
+        return self._decoder
+
+
+class MultiTask(Family):
+    """Canary: every call carries a prompt built from the request's options, the model's
+    prompt defaults for what the request leaves out, and ours where the checkpoint has none."""
+
+    name = "aed"
+    max_slice_s = AED_MAX_SLICE_S
+
+    def __init__(self, model: Any, config: dict[str, Any]) -> None:
+        super().__init__(model, config)
+        self.prompt_format = str(model.prompt_format)
+        slots: dict[str, Any] = {}
+        for turn in model.prompt.get_default_dialog_slots():
+            if turn["role"] == "user":
+                slots = dict(turn["slots"])
+        self.slots = slots
+        langs = self.languages() or []
+        first = "en" if "en" in langs or not langs else langs[0]
+        ours = {
+            "source_lang": first,
+            "target_lang": None,  # follows source_lang: transcription
+            "task": TRANSCRIBE,
+            "pnc": "yes",
+            "decodercontext": "",
+            "emotion": "<|emo:undefined|>",
+            "itn": "no",
+            "timestamp": "no",
+            "diarize": "no",
+        }
+        self.defaults = {k: (v if v is not None else ours.get(k)) for k, v in slots.items()}
+        self.word_timestamps = model.timestamps_asr_model is not None or (
+            "timestamp" in slots and "<|timestamp|>" in self._special_tokens()
+        )
+
+    def _special_tokens(self) -> set[str]:
+        tokenizer = self.model.tokenizer
+        special = getattr(tokenizer, "tokenizers_dict", {}).get("spl_tokens")
+        if special is None:
+            return set()
+        vocab = getattr(special, "vocab", None) or []
+        return {str(t) for t in vocab}
+
+    def languages(self) -> list[str] | None:
+        configured = self.config.get("languages")
+        if configured:
+            return list(configured)
+        langs = [
+            str(lang)
+            for lang in getattr(self.model.tokenizer, "langs", []) or []
+            if lang != "spl_tokens"
+        ]
+        # A language is usable only where the prompt has its token.
+        special = self._special_tokens()
+        usable = [lang for lang in langs if not special or f"<|{lang}|>" in special]
+        return sorted(usable) or None
+
+    def capabilities(self) -> dict[str, Any]:
+        caps = super().capabilities()
+        caps["tasks"] = [TRANSCRIBE, TRANSLATE]
+        caps["punctuation"] = "pnc" in self.slots
+        caps["prompt_format"] = self.prompt_format
+        return caps
+
+    def prompt(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The prompt slots for ``options``, as plain values (NeMo maps them to tokens)."""
+        slots = dict(self.defaults)
+        source = options.get("language") or slots.get("source_lang")
+        slots["source_lang"] = source
+        task = options.get("task") or TRANSCRIBE
+        target = options.get("target_language")
+        if target is None:
+            target = "en" if task == TRANSLATE else source
+            if task != TRANSLATE and "language" not in options and self.defaults.get("target_lang"):
+                target = self.defaults["target_lang"]
+        slots["target_lang"] = target
+        if "task" in slots:
+            slots["task"] = task
+        if "pnc" in slots and options.get("punctuation") is not None:
+            slots["pnc"] = "yes" if options["punctuation"] else "no"
+        if "timestamp" in slots:
+            slots["timestamp"] = "yes" if self.word_timestamps else "no"
+        return slots
+
+    def transcribe(self, audio: list[np.ndarray], options: dict[str, Any]) -> list[Any]:
+        slots = self.prompt(options)
+        # One prompt per call: NeMo repeats it over the batch for in-memory audio (the pool
+        # never mixes prompts in one batch).
+        hyps = self.model.transcribe(
+            audio,
+            batch_size=len(audio),
+            verbose=False,
+            num_workers=0,
+            return_hypotheses=True,
+            timestamps=True if self.word_timestamps else None,
+            turns=[{"role": "user", "slots": slots}],
+        )
+        return _best(hyps)
+
+
+def _best(hyps: Any) -> list[Any]:
+    if isinstance(hyps, tuple):  # some models return (best, all)
+        hyps = hyps[0]
+    return list(hyps)
+
+
+def adapter_for(model: Any, config: dict[str, Any]) -> Family:
+    """The adapter for a loaded model; ``UnsupportedModel`` names the classes served."""
+    from nemo.collections.asr.models import (
+        EncDecCTCModel,
+        EncDecHybridRNNTCTCModel,
+        EncDecMultiTaskModel,
+        EncDecRNNTModel,
+    )
+
+    # Most specific first: the hybrid is an RNNT model too.
+    if isinstance(model, EncDecHybridRNNTCTCModel):
+        return Hybrid(model, config)
+    if config.get("decoder"):
+        raise UnsupportedModel(
+            f"decoder = {config['decoder']!r} applies to hybrid TDT/RNNT + CTC models only; "
+            f"this one is a {type(model).__name__}"
+        )
+    if isinstance(model, EncDecRNNTModel):
+        return Transducer(model, config)
+    if isinstance(model, EncDecCTCModel):
+        return Family(model, config)
+    if isinstance(model, EncDecMultiTaskModel):
+        return MultiTask(model, config)
+    raise UnsupportedModel(
+        f"{type(model).__name__} is not a speech-to-text model this server serves; "
+        f"supported classes: {', '.join(SUPPORTED_CLASSES)}"
+    )
