@@ -104,6 +104,7 @@ def to_verbose_json(
     if words:
         out["words"] = [
             {"word": w["word"], "start": w["start"], "end": w["end"]}
+            | ({"confidence": w["confidence"]} if "confidence" in w else {})
             for seg in result.get("segments", [])
             for w in seg.get("words", [])
         ]

@@ -17,7 +17,7 @@ def slice_segments(
     """Segments of one slice, times moved from slice time to file time."""
     words = [
         {
-            "word": w["word"],
+            **w,  # word, and confidence where the model gives it
             "start": round(w["start"] + offset_s, 3),
             "end": round(w["end"] + offset_s, 3),
         }

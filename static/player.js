@@ -14,6 +14,9 @@ export function formatClock(seconds) {
 // flicker between words, but not through a real pause.
 const LINGER_S = 0.5;
 
+// Words under this confidence (0..1, from the model) are shaded as unsure.
+const LOW_CONFIDENCE = 0.5;
+
 export class TranscriptView {
   /** @param {HTMLElement} container  @param {HTMLAudioElement} audio */
   constructor(container, audio) {
@@ -77,6 +80,12 @@ export class TranscriptView {
       span.dataset.end = w.end;
       span.setAttribute("role", "button");
       span.title = `${formatClock(w.start)} (${w.start.toFixed(2)} s)`;
+      if (typeof w.confidence === "number") {
+        // Shade what the model was unsure of; the exact value is in the tooltip.
+        span.dataset.confidence = w.confidence;
+        span.title += ` · confidence ${Math.round(w.confidence * 100)} %`;
+        if (w.confidence < LOW_CONFIDENCE) span.classList.add("unsure");
+      }
       // Roving tab stop: the transcript is one Tab stop, arrow keys move between words.
       span.tabIndex = this.words.length === 0 ? 0 : -1;
       this.words.push({ el: span, start: w.start, end: w.end });

@@ -146,6 +146,8 @@ def test_upload_follow_result_seek_and_download(
     )
     expect(page.locator("#server-text")).to_contain_text("ready")
     expect(page.locator("#start")).to_be_disabled()
+    # The demo model cannot translate: no task to choose.
+    expect(page.locator("#task-field")).to_be_hidden()
 
     page.set_input_files("#file", str(audio))
     expect(page.locator("#selected-name")).to_have_text(audio.name)
@@ -172,6 +174,12 @@ def test_upload_follow_result_seek_and_download(
     result = server.get_json(f"/jobs/{job_id}/result")
     assert page_words(page) == [w["word"] for w in result_words(result)]
     assert result["language"] == "en"
+    # Each word carries the model's confidence; those under 0.5 are shaded as unsure.
+    shown = page.eval_on_selector_all(
+        "#transcript .word",
+        "els => els.map(e => [Number(e.dataset.confidence), e.classList.contains('unsure')])",
+    )
+    assert shown == [[w["confidence"], w["confidence"] < 0.5] for w in result_words(result)]
     assert result["text"] == " ".join(UTTERANCES)
     expect(page.locator("#transcript .segment")).to_have_count(len(UTTERANCES))
     expect(page.locator("#jobs li").first).to_contain_text("completed")

@@ -513,6 +513,12 @@ def _make(family: str, work: Path) -> Any:
         dirs.update({lang: _train_tokenizer(work, lang) for lang in LANGUAGES})
         cfg = OmegaConf.create(_canary_cfg(dirs, family))
         _seed()
+        # A restore_from earlier in this process leaves its path in NeMo's global AppState
+        # (its unpacked folder gone), and a new multitask model then looks there for a
+        # timestamps model: TypeError. Building from config restores nothing: clear it.
+        from nemo.utils.app_state import AppState
+
+        AppState().model_restore_path = None
         model = EncDecMultiTaskModel(cfg=cfg)
         _wire_canary_prompt(model)
         return model

@@ -43,7 +43,19 @@ INT: Schema = {"type": "integer"}
 BOOL: Schema = {"type": "boolean"}
 SECONDS: Schema = {"type": "number", "minimum": 0}
 
-WORD = obj(word=STR, start=SECONDS, end=SECONDS)
+WORD = obj(
+    ["word", "start", "end"],
+    word=STR,
+    start=SECONDS,
+    end=SECONDS,
+    confidence={
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "The model's confidence in the word, where it gives one (CTC and "
+        "transducer models)",
+    },
+)
 SEGMENT = obj(
     ["id", "start", "end", "text"],
     id=INT,
@@ -81,6 +93,7 @@ CAPABILITIES = obj(
     tasks={"type": "array", "items": {"type": "string", "enum": ["transcribe", "translate"]}},
     punctuation={"type": "boolean", "description": "Whether `punctuation` can switch it"},
     word_timestamps=BOOL,
+    word_confidence=BOOL,
     decoder=nullable(STR),
     max_slice_s=nullable(NUM),
     sample_rate=INT,

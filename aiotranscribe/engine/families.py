@@ -39,17 +39,71 @@ class UnsupportedModel(ValueError):
 
 
 def words_of(hyp: Any, duration: float) -> list[dict[str, Any]]:
-    """The model's word times, clamped to the slice; none when the model gives none."""
+    """The model's word times, clamped to the slice, with its word confidence where it gave
+    one; none when the model gives no word times."""
     stamps = getattr(hyp, "timestamp", None) or {}
+    items = [i for i in stamps.get("word", []) or [] if str(i.get("word", "")).strip()]
+    confidence = word_confidence(hyp)
+    if confidence is not None and len(confidence) != len(items):
+        confidence = None  # not the same words: better none than misplaced
     words = []
-    for item in stamps.get("word", []) or []:
-        text = str(item.get("word", "")).strip()
-        if not text or "start" not in item:
+    for n, item in enumerate(items):
+        if "start" not in item:
             continue
         start = min(max(float(item["start"]), 0.0), duration)
         end = min(max(float(item.get("end", start)), start), duration)
-        words.append({"word": text, "start": round(start, 3), "end": round(end, 3)})
+        word = {"word": str(item["word"]).strip(), "start": round(start, 3), "end": round(end, 3)}
+        if confidence is not None:
+            word["confidence"] = round(min(max(confidence[n], 0.0), 1.0), 3)
+        words.append(word)
     return words
+
+
+def word_confidence(hyp: Any) -> list[float] | None:
+    """Per-word confidence: NeMo's own (subword models), or for character models the minimum
+    of each word's character confidences (NeMo 3.0 fails to aggregate those itself)."""
+    words = getattr(hyp, "word_confidence", None)
+    if words:
+        return [float(c) for c in words]
+    tokens = getattr(hyp, "token_confidence", None)
+    text = str(getattr(hyp, "text", ""))
+    if not tokens or len(tokens) != len(text):
+        return None
+    out: list[float] = []
+    current: list[float] = []
+    for char, conf in zip(text, tokens, strict=True):
+        if char.isspace():
+            if current:
+                out.append(min(current))
+            current = []
+        else:
+            current.append(float(conf))
+    if current:
+        out.append(min(current))
+    return out
+
+
+def enable_confidence(model: Any, decoder_type: str | None = None) -> None:
+    """Greedy decoding that keeps per-token (and, for subword models, per-word) confidence:
+    NeMo's default method, a Tsallis entropy (alpha 1/3, exponentially normalised) of each
+    frame's distribution, blank frames excluded, the minimum over a word's tokens."""
+    from omegaconf import open_dict
+
+    cfg = model.cfg.aux_ctc.decoding if decoder_type == "ctc" else model.cfg.decoding
+    cfg = cfg.copy()
+    subword = hasattr(model, "tokenizer")
+    with open_dict(cfg):
+        cfg.confidence_cfg = {
+            "preserve_frame_confidence": True,
+            "preserve_token_confidence": True,
+            "preserve_word_confidence": subword,
+            "exclude_blank": True,
+            "aggregation": "min",
+        }
+    if decoder_type is None:
+        model.change_decoding_strategy(cfg, verbose=False)
+    else:
+        model.change_decoding_strategy(cfg, decoder_type=decoder_type, verbose=False)
 
 
 def _is_tdt(cfg: Any) -> bool:
@@ -64,12 +118,15 @@ class Family:
 
     name = "ctc"
     word_timestamps = True
+    word_confidence = True
     max_slice_s: float | None = None
 
     def __init__(self, model: Any, config: dict[str, Any]) -> None:
         self.model = model
         self.config = config
         self.sample_rate = int(model.cfg.get("sample_rate", 16000))
+        if type(self) in (Family, Transducer):
+            enable_confidence(model)
 
     def languages(self) -> list[str] | None:
         """ISO 639-1 codes the model takes, or None when nobody says (``language`` is then
@@ -90,6 +147,7 @@ class Family:
             "tasks": [TRANSCRIBE],
             "punctuation": False,
             "word_timestamps": self.word_timestamps,
+            "word_confidence": self.word_confidence,
             "decoder": self.decoder(),
             "max_slice_s": self.config.get("max_slice_s") or self.max_slice_s,
             "sample_rate": self.sample_rate,
@@ -123,12 +181,9 @@ class Hybrid(Transducer):
         self.head = "tdt" if _is_tdt(model.cfg) else "rnnt"
         self.name = "hybrid"
         wanted = config.get("decoder") or self.head
-        if wanted == "ctc":
-            model.change_decoding_strategy(decoder_type="ctc", verbose=False)
-        elif wanted in ("tdt", "rnnt"):
-            model.change_decoding_strategy(decoder_type="rnnt", verbose=False)
-        else:
+        if wanted not in ("ctc", "tdt", "rnnt"):
             raise ValueError(f"decoder {wanted!r}: choose tdt or ctc")
+        enable_confidence(model, "ctc" if wanted == "ctc" else "rnnt")
         self._decoder = "ctc" if wanted == "ctc" else self.head
 
     def decoder(self) -> str | None:
@@ -141,6 +196,7 @@ class MultiTask(Family):
 
     name = "aed"
     max_slice_s = AED_MAX_SLICE_S
+    word_confidence = False  # NeMo's confidence estimation covers CTC and transducers only
 
     def __init__(self, model: Any, config: dict[str, Any]) -> None:
         super().__init__(model, config)
@@ -228,7 +284,8 @@ class MultiTask(Family):
             num_workers=0,
             return_hypotheses=True,
             timestamps=True if self.word_timestamps else None,
-            turns=[{"role": "user", "slots": slots}],
+            # NeMo's "legacy" keywords: slot values as plain values, for the user turn.
+            **slots,
         )
         return _best(hyps)
 

@@ -7,6 +7,7 @@ train/eval and dither on shared modules), so callers keep one call in flight per
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import wave
 from pathlib import Path
@@ -17,6 +18,11 @@ import numpy as np
 from aiotranscribe.engine.families import Family, UnsupportedModel, adapter_for
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo.nemo"
+
+# NeMo's restore keeps process-wide state (the model being restored, its unpacked folder):
+# two models restored at once by thread workers of one process broke each other
+# ("Can't instantiate abstract class ModelPT"). One restore at a time per process.
+_RESTORE_LOCK = threading.Lock()
 
 # NeMo pads clips under 1 s on both sides, which shifts timestamps; we pad on the right.
 MIN_SLICE_SECONDS = 1.0
@@ -108,7 +114,8 @@ class NemoEngine:
 
             torch.set_num_threads(self.threads)
         device = resolve_device(self.requested_device)
-        model = _load_model(self.spec, device)
+        with _RESTORE_LOCK:
+            model = _load_model(self.spec, device)
         model.eval()
         try:
             family = adapter_for(model, self.config)
