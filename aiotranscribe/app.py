@@ -1,15 +1,17 @@
 """``create_app(settings)``: wiring only. Every resource with a lifetime is a cleanup context.
 
 Start-up order: job store (opened) -> janitor (sweeps crash leftovers) -> model pools (load in
-the background) -> recovery (jobs the store says had not ended are resumed).
+the background) -> recovery (jobs the store says had not ended are resumed) -> webhooks
+(deliveries the store says are pending are scheduled again).
 
 Shutdown (``shutdown_sequence``, the app's ``on_shutdown``), in this order:
 1. stop admitting: ``/ready`` answers 503, new submissions 503 + Retry-After;
 2. drain: running jobs go on for up to ``shutdown_timeout_s``;
 3. stop: jobs still running are left in the store as they are (the next start resumes
    them), waiting requests get 503 + Retry-After, WebSockets close with 1012;
-then teardown runs in reverse: the pools let their batch in flight finish and commit and
-stop their workers, the janitor drains, the store closes last.
+then teardown runs in reverse: webhook attempts under way get a moment to finish, the pools
+let their batch in flight finish and commit and stop their workers, the janitor drains, the
+store closes last.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from aiotranscribe.keys import (
     service_key,
     settings_key,
     store_key,
+    webhooks_key,
     websockets_key,
 )
 from aiotranscribe.metrics import Metrics
@@ -43,6 +46,7 @@ from aiotranscribe.pool import InferencePool
 from aiotranscribe.rendered import RenderCache, render_cache_key
 from aiotranscribe.service import TranscriptionService
 from aiotranscribe.store import JobStore, open_store
+from aiotranscribe.webhooks import Webhooks
 from aiotranscribe.workers import Worker, make_worker
 
 # Uploads are streamed by our own reader with its own cap; this only bounds other bodies.
@@ -143,11 +147,15 @@ def create_app(
     service_holder.append(service)
     app[service_key] = service
     metrics.watch(pools, service, admission, app[websockets_key])
+    webhooks = Webhooks(settings, store, on_attempt=metrics.webhook_attempt)
+    service.on_finish.append(webhooks.job_ended)
+    app[webhooks_key] = webhooks
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(janitor_ctx)
     app.cleanup_ctx.append(pools_ctx)
     app.cleanup_ctx.append(recovery_ctx)
+    app.cleanup_ctx.append(webhooks_ctx)
     app.on_shutdown.append(shutdown_sequence)
     app.add_routes(health.routes)
     app.add_routes(transcribe.routes)
@@ -185,6 +193,15 @@ async def pools_ctx(app: web.Application) -> AsyncIterator[None]:
 async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[service_key].recover()
     yield
+
+
+async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Deliveries still pending in the store resume; at teardown those under way get a
+    moment to finish (the rest resume at the next start)."""
+    webhooks = app[webhooks_key]
+    webhooks.start()
+    yield
+    await webhooks.close()
 
 
 async def shutdown_sequence(app: web.Application) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from aiotranscribe.config import ENV_PREFIX, Settings, env_default
 
+TRUE = ("1", "true", "yes", "on")
+
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the HTTP server")
@@ -189,6 +191,50 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "a Host name this server answers to (repeatable; default: the bind address, "
         "and loopback names when bound to loopback; '*': any)",
     )
+    p.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        default=(env_default("allow-private-urls") or "").lower() in TRUE,
+        help="let audio_url and callback_url reach loopback, private and link-local addresses",
+    )
+    many(
+        "--allow-network",
+        "a network (CIDR) audio_url and callback_url may reach though private (repeatable)",
+    )
+    opt(
+        "--url-connect-timeout-s",
+        d.url_connect_timeout_s,
+        "DNS plus connect deadline of outbound requests, seconds",
+        type=float,
+    )
+    opt("--fetch-timeout-s", d.fetch_timeout_s, "longest audio_url download, seconds", type=float)
+    opt("--public-url", d.public_url, "base URL of this server for links in webhooks")
+    opt("--webhook-secret", d.webhook_secret, "webhook signing key (whsec_<base64> or text)")
+    opt("--webhook-timeout-s", d.webhook_timeout_s, "one webhook attempt's deadline", type=float)
+    opt(
+        "--webhook-retry-for-s",
+        d.webhook_retry_for_s,
+        "how long webhooks are retried after the job ended, seconds",
+        type=float,
+    )
+    opt(
+        "--webhook-retry-base-s",
+        d.webhook_retry_base_s,
+        "first webhook retry's back-off ceiling (doubles per attempt), seconds",
+        type=float,
+    )
+    opt(
+        "--webhook-retry-max-delay-s",
+        d.webhook_retry_max_delay_s,
+        "largest back-off ceiling between webhook attempts, seconds",
+        type=float,
+    )
+    opt(
+        "--webhook-inline-max-kib",
+        d.webhook_inline_max_kib,
+        "largest result sent inside a webhook (bigger: a link only), KiB",
+        type=float,
+    )
     opt("--ffmpeg", d.ffmpeg, "ffmpeg binary")
     opt("--ffprobe", d.ffprobe, "ffprobe binary")
 
@@ -234,6 +280,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_access=args.metrics_access,
         cors_origins=_many(args, "cors_origin"),
         allowed_hosts=_many(args, "allowed_host"),
+        allow_private_urls=bool(args.allow_private_urls),
+        allowed_networks=_many(args, "allow_network"),
+        url_connect_timeout_s=float(args.url_connect_timeout_s),
+        fetch_timeout_s=float(args.fetch_timeout_s),
+        public_url=args.public_url or None,
+        webhook_secret=args.webhook_secret or None,
+        webhook_timeout_s=float(args.webhook_timeout_s),
+        webhook_retry_for_s=float(args.webhook_retry_for_s),
+        webhook_retry_base_s=float(args.webhook_retry_base_s),
+        webhook_retry_max_delay_s=float(args.webhook_retry_max_delay_s),
+        webhook_inline_max_kib=float(args.webhook_inline_max_kib),
     )
 
 
@@ -319,12 +376,16 @@ def main(argv: list[str] | None = None) -> None:
         settings = settings_from_args(args)
         from aiotranscribe.api.access import KeysFileError, load_keys
         from aiotranscribe.config import ModelsError, model_table
+        from aiotranscribe.netguard import UrlPolicy
 
         try:
             load_keys(settings.api_keys, settings.api_keys_file)
             model_table(settings)
+            UrlPolicy.of(settings)
         except (KeysFileError, ModelsError) as exc:
             parser.error(str(exc))
+        except ValueError as exc:
+            parser.error(f"--allow-network: {exc}")
         serve(settings)
     else:
         from aiotranscribe.client import run_client

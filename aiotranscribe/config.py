@@ -154,6 +154,45 @@ class Settings:
     plus ``localhost`` and loopback addresses when bound to loopback, or any host when bound
     to 0.0.0.0/::. ``*`` allows any."""
 
+    allow_private_urls: bool = False
+    """Let ``audio_url`` and ``callback_url`` reach loopback, private and link-local
+    addresses (a receiver on this host or LAN). Off: only public addresses (SSRF guard)."""
+
+    allowed_networks: tuple[str, ...] = ()
+    """Networks (CIDR, ``10.1.2.3/32``) that ``audio_url`` and ``callback_url`` may reach
+    even though they are private: one internal host, without ``allow_private_urls``."""
+
+    url_connect_timeout_s: float = 5.0
+    """Name resolution plus connect (and TLS) deadline of each outbound request, in seconds."""
+
+    fetch_timeout_s: float = 300.0
+    """Longest an ``audio_url`` download may take, in seconds (then 422 url_unreachable)."""
+
+    public_url: str | None = None
+    """Base URL clients reach this server at (``https://asr.example.com``), for the links in
+    webhook payloads. None: the scheme and host of the request that submitted the job."""
+
+    webhook_secret: str | None = None
+    """Key that signs webhooks (HMAC-SHA256, Standard Webhooks): ``whsec_`` + base64 of the
+    key bytes, or any other string (its UTF-8 bytes). None: webhooks are sent unsigned."""
+
+    webhook_timeout_s: float = 10.0
+    """One webhook attempt's deadline (connect, send, answer), in seconds."""
+
+    webhook_retry_for_s: float = 86400.0
+    """How long a webhook is retried after the job ended, in seconds; then it is failed."""
+
+    webhook_retry_base_s: float = 5.0
+    """First retry's back-off ceiling, in seconds; it doubles per attempt (full jitter: each
+    wait is random between 0 and the ceiling)."""
+
+    webhook_retry_max_delay_s: float = 3600.0
+    """Largest back-off ceiling between two webhook attempts, in seconds."""
+
+    webhook_inline_max_kib: float = 256.0
+    """A result whose JSON is at most this many KiB is sent inside the webhook; a bigger one
+    only as ``result_url``."""
+
     log_format: LogFormat | None = None
     """``json`` or ``console``; None picks console on a TTY, JSON lines otherwise."""
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import structlog
 
+from aiotranscribe.supervise import run_supervised
+
 log = structlog.get_logger(__name__)
 
-BACKOFF_S = (0.1, 0.5, 2.0, 10.0)
 MARKER = ".aiotranscribe-job"
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 # Removals of one directory tried before it is left for the next sweep.
@@ -81,7 +82,9 @@ class Janitor:
 
     def start(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
-        self._task = asyncio.create_task(self._supervise(), name="janitor")
+        self._task = asyncio.create_task(
+            run_supervised(self._loop, "janitor_crashed", self._restarted), name="janitor"
+        )
 
     def discard(self, path: Path) -> None:
         """Queue a job directory for removal (never blocks)."""
@@ -150,19 +153,8 @@ class Janitor:
             if not removed and tries + 1 < REMOVE_TRIES:
                 self._queue.put_nowait((path, tries + 1))
 
-    async def _supervise(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._loop()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
-                failures += 1
-                self.restarts += 1
-                log.exception("janitor_crashed", restart_in_s=delay)
-                await asyncio.sleep(delay)
+    def _restarted(self) -> None:
+        self.restarts += 1
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop the loop, then remove everything still queued (best effort, bounded)."""

@@ -19,6 +19,9 @@ PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
     "cancelled",
 )
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+# A webhook's delivery states: still to be delivered (also while the job runs), delivered
+# (a 2xx), failed (given up: a non-retryable answer, a refused URL or the retry window).
+WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "pending", "delivered", "failed"
 
 
 def utcnow_iso() -> str:
@@ -62,10 +65,19 @@ class Job:
     """Seq of the job's newest event (kept by the store)."""
     tenant: str | None = None
     """The API key's tenant that submitted it (None without keys): only it may see the job."""
+    callback_url: str | None = None
+    """Where the job's end is POSTed (``webhooks``); None: nowhere."""
+    webhook: dict[str, Any] | None = None
+    """The delivery state to ``callback_url`` (``webhooks.new_delivery``), shown in the job's
+    status; it still changes after the job has ended."""
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def webhook_pending(self) -> bool:
+        return self.webhook is not None and self.webhook.get("state") == WEBHOOK_PENDING
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,4 +100,5 @@ class Job:
             "stage": self.stage,
             "progress": round(self.progress, 4),
             "model": self.model,
+            "webhook": dict(self.webhook) if self.webhook is not None else None,
         }

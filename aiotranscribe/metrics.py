@@ -110,7 +110,19 @@ class Metrics:
             registry=r,
         )
 
+        self.webhook_attempts = Counter(
+            f"{PREFIX}_webhook_attempts",
+            "Webhook delivery attempts, by outcome: delivered (2xx), retry (network error, "
+            "timeout, 5xx or 429: tried again later), failed (given up)",
+            ["outcome"],
+            registry=r,
+        )
+
     # -- wiring ------------------------------------------------------------------------------
+
+    def webhook_attempt(self, outcome: str) -> None:
+        """A ``Webhooks(on_attempt=...)`` callback."""
+        self.webhook_attempts.labels(outcome).inc()
 
     def batch_observer(self, model: str) -> Callable[[int, float, float], None]:
         """An ``InferencePool(on_batch=...)`` callback for ``model``."""

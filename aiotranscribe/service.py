@@ -84,6 +84,9 @@ class Submission:
     options: dict[str, Any] = field(default_factory=dict)
     """Decoding options that reach the model (``decoding.allowed``)."""
     task: str = "transcribe"
+    callback_url: str | None = None
+    webhook: dict[str, Any] | None = None
+    """The webhook's initial delivery state (``webhooks.new_delivery``) with a callback_url."""
 
 
 def new_job_id() -> str:
@@ -195,6 +198,8 @@ class TranscriptionService:
             tenant=sub.tenant,
             options=sub.options,
             task=sub.task,
+            callback_url=sub.callback_url,
+            webhook=sub.webhook,
         )
 
         async def commit_and_start() -> Job:

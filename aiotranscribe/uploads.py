@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,8 @@ FIELD_MAX_BYTES = 4096
 # grow memory past what the upload cap allows for the file.
 MAX_FIELDS = 32
 FILE_FIELD = "file"
+# A form field naming the audio's URL instead of a file part: fetched by ``fetch``.
+URL_FIELD = "audio_url"
 ALLOWED_KINDS = "wav, mp3, flac, ogg/opus, m4a/mp4/aac, webm/mkv"
 
 
@@ -100,10 +102,19 @@ def full_spool_is_507() -> Iterator[None]:
         raise
 
 
-async def _stream_file(part: BodyPartReader, dest: Path, limit: int, upload: Upload) -> None:
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(CHUNK_BYTES):
+        yield chunk
+
+
+async def write_stream(
+    chunks: AsyncIterator[bytes], dest: Path, limit: int, upload: Upload
+) -> None:
+    """Write ``chunks`` to ``dest`` under the byte cap, sniffing the kind from the first bytes,
+    and fsync it. Raises UploadError (413, 415, 400 empty); the caller removes ``dest``."""
     head = bytearray()
     async with aiofiles.open(dest, "wb") as out:
-        while chunk := await part.read_chunk(CHUNK_BYTES):
+        async for chunk in chunks:
             upload.size += len(chunk)
             if upload.size > limit:
                 raise too_large(limit)
@@ -151,6 +162,7 @@ def _publish(partial: Path, final: Path) -> None:
 
 async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upload:
     """Read the whole multipart body: the ``file`` part to disk, other parts as short fields.
+    A form with an ``audio_url`` field and no file part comes back with ``path`` None.
 
     The file is written to ``upload.part``, fsynced, and renamed to ``upload`` only once the
     whole body was read, so ``upload`` is always complete. ``job_dir`` must exist. Raises
@@ -176,7 +188,7 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
             upload.path = job_dir / "upload"
             upload.filename = clean_filename(part.filename)
             with full_spool_is_507():
-                await _stream_file(part, partial, limit, upload)
+                await write_stream(_part_chunks(part), partial, limit, upload)
         elif part.filename is not None or part.name == FILE_FIELD:
             raise UploadError(400, "bad_request", "send exactly one file, in the 'file' part")
         else:
@@ -190,7 +202,16 @@ async def receive_upload(request: web.Request, job_dir: Path, limit: int) -> Upl
                 upload.fields[part.name] = value
                 upload.multi.setdefault(part.name, []).append(value)
     if upload.path is None:
-        raise UploadError(400, "missing_file", "no 'file' part in the form")
-    with full_spool_is_507():
-        await asyncio.to_thread(_publish, partial, upload.path)
+        if upload.fields.get(URL_FIELD):
+            return upload  # the caller fetches it (``fetch``)
+        raise UploadError(400, "missing_file", "no 'file' part (or 'audio_url' field) in the form")
+    if upload.fields.get(URL_FIELD):
+        raise UploadError(400, "bad_request", "send a 'file' part or an 'audio_url', not both")
+    await publish(partial, upload.path)
     return upload
+
+
+async def publish(partial: Path, final: Path) -> None:
+    """Rename a finished ``upload.part`` to ``upload``, durably (507 on a full disk)."""
+    with full_spool_is_507():
+        await asyncio.to_thread(_publish, partial, final)

@@ -16,6 +16,7 @@ FLAG_OF = {
     "api_keys": "--api-key",
     "cors_origins": "--cors-origin",
     "allowed_hosts": "--allowed-host",
+    "allowed_networks": "--allow-network",
 }
 
 

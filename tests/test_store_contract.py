@@ -327,3 +327,28 @@ async def test_delete_job_removes_record_events_and_slices(store):
     assert await store.finish(gone.id, CANCELLED, {"reason": "x"}) is None
     assert len(await store.slices(kept.id)) == 1
     assert [e["seq"] for e in await store.events_after(kept.id, 0)] == [1]
+
+
+async def test_webhook_state_outlives_the_job_end_and_holds_off_expiry(store):
+    pending = {"state": "pending", "attempts": 0}
+    hooked = await new_job(store, "w" * 32, callback_url="https://example.com/h", webhook=pending)
+    plain = await new_job(store, "p" * 32)
+    running = await new_job(store, "n" * 32, callback_url="https://x.example/h", webhook=pending)
+    assert await store.pending_webhooks() == []  # none has ended yet
+    for job in (hooked, plain):
+        await store.finish(job.id, COMPLETED, {"result": {}})
+    assert [j.id for j in await store.pending_webhooks()] == [hooked.id]
+    assert running.id not in {j.id for j in await store.pending_webhooks()}
+
+    # Kept past its TTL while the webhook is pending; the plain job goes.
+    later = time.time() + store.ttl_s + 1
+    assert await store.expire(later) == [plain.id]
+    tried = {"state": "pending", "attempts": 1, "last_status": 503}
+    got = await store.set_webhook(hooked.id, tried)  # the job has ended: still written
+    assert got is not None and got.webhook == tried and got.status == COMPLETED
+    assert (await store.get(hooked.id)).webhook == tried
+
+    await store.set_webhook(hooked.id, {"state": "delivered", "attempts": 2})
+    assert await store.pending_webhooks() == []
+    assert await store.expire(later) == [hooked.id]
+    assert await store.set_webhook(hooked.id, tried) is None  # gone

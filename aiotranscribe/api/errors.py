@@ -19,6 +19,7 @@ from aiotranscribe.audio import AudioError
 from aiotranscribe.decoding import OptionError
 from aiotranscribe.keys import settings_key
 from aiotranscribe.metrics import CLIENT_CLOSED
+from aiotranscribe.netguard import UrlError
 from aiotranscribe.pool import ModelUnavailable
 from aiotranscribe.service import JobGone, ServerRestarting, UnknownModel
 from aiotranscribe.uploads import FORM_OVERHEAD_BYTES, UploadError
@@ -60,6 +61,8 @@ def to_api_error(exc: Exception) -> ApiError | None:
         return exc
     if isinstance(exc, (UploadError, AudioError)):
         return ApiError(exc.status, exc.code, exc.detail)
+    if isinstance(exc, UrlError):
+        return ApiError(exc.status, exc.code, exc.detail, param=exc.param)
     if isinstance(exc, OptionError):
         return ApiError(400, exc.code, exc.detail, param=exc.param)
     if isinstance(exc, UnknownModel):

@@ -111,6 +111,46 @@ JOB_INFO = obj(
     stage={"type": "string", "enum": STAGES},
     progress={"type": "number", "minimum": 0, "maximum": 1},
     model=STR,
+    webhook={
+        **nullable(ref("WebhookDelivery")),
+        "description": "The delivery to `callback_url`; null when the job has none",
+    },
+)
+NULL_TIME = {**nullable(STR), "description": "ISO 8601 UTC"}
+WEBHOOK_DELIVERY = obj(
+    ["state", "attempts"],
+    state={
+        "type": "string",
+        "enum": ["pending", "delivered", "failed"],
+        "description": "pending: not delivered yet (also while the job runs); delivered: a "
+        "2xx; failed: given up (a non-retryable answer, a refused URL, or the retry window "
+        "closed)",
+    },
+    attempts=INT,
+    last_status={**nullable(INT), "description": "The receiver's last HTTP status"},
+    last_error=nullable(STR),
+    last_attempt_at=NULL_TIME,
+    next_attempt_at=NULL_TIME,
+    delivered_at=NULL_TIME,
+    result_url=STR,
+)
+WEBHOOK_PAYLOAD = obj(
+    ["type", "job_id", "status", "result_url", "result", "error", "reason"],
+    type={"type": "string", "enum": ["job.completed", "job.failed", "job.cancelled"]},
+    job_id=STR,
+    status={"type": "string", "enum": ["completed", "failed", "cancelled"]},
+    model=STR,
+    filename=STR,
+    created_at=STR,
+    completed_at=nullable(STR),
+    result_url={"type": "string", "description": "GET it for the result (any format)"},
+    result={
+        **nullable(ref("TranscriptionResponse")),
+        "description": "The result when its JSON is at most `--webhook-inline-max-kib` "
+        "(256 KiB); else null (follow `result_url`)",
+    },
+    error=nullable(obj(code=STR, message=STR)),
+    reason={**nullable(STR), "description": "Why a cancelled job was cancelled"},
 )
 JOB_SUMMARY = obj(
     ["job_id", "status", "filename", "model", "created_at", "links"],
@@ -226,6 +266,8 @@ SCHEMAS: dict[str, Schema] = {
     "JobAccepted": obj(job_id=STR, status={"type": "string", "const": "pending"}, message=STR),
     "CancelResponse": obj(message=STR, status={"type": "string", "enum": STATUSES}),
     "JobSummary": JOB_SUMMARY,
+    "WebhookDelivery": WEBHOOK_DELIVERY,
+    "WebhookPayload": WEBHOOK_PAYLOAD,
     "JobList": obj(
         jobs={"type": "array", "items": ref("JobSummary")},
         next_cursor={**nullable(STR), "description": "Pass as `cursor` for the next page"},
@@ -327,9 +369,26 @@ DECODING_FIELDS: dict[str, Schema] = {
         "description": "Canary's punctuation and capitalisation (default: the model's)",
     },
 }
+URL_FIELDS: dict[str, Schema] = {
+    "audio_url": {
+        "type": "string",
+        "maxLength": 2048,
+        "description": "Instead of `file`: an http(s) URL the server fetches (same size cap "
+        "and checks as an upload). Loopback, private and link-local addresses are refused "
+        "(400 `url_forbidden`) unless the server allows them; 422 `url_unreachable` when it "
+        "cannot be fetched; `s3://` is 400 `url_unsupported` (use a presigned https URL).",
+    },
+    "callback_url": {
+        "type": "string",
+        "maxLength": 2048,
+        "description": "An http(s) URL that gets a signed POST (`WebhookPayload`) when the "
+        "job ends; its delivery state is the job status's `webhook`. 400 `url_forbidden` "
+        "for addresses the server may not reach.",
+    },
+}
 SEED_FORM: Schema = {
     "type": "object",
-    "required": ["file"],
+    "description": "Send exactly one of `file` and `audio_url`.",
     "properties": {
         "file": {
             "type": "string",
@@ -347,11 +406,13 @@ SEED_FORM: Schema = {
             "default": True,
             "description": "Word timestamps in each segment",
         },
+        **URL_FIELDS,
     },
 }
 OPENAI_FORM: Schema = {
     "type": "object",
-    "required": ["file"],
+    "description": "Send exactly one of `file` and `audio_url` (an extension, as is "
+    "`callback_url`).",
     "properties": {
         "file": {
             "type": "string",
@@ -382,6 +443,7 @@ OPENAI_FORM: Schema = {
             "default": False,
             "description": "Answer as server-sent events (`response_format` is then unused)",
         },
+        **URL_FIELDS,
     },
 }
 
@@ -420,12 +482,13 @@ RETRY_AFTER = {
     "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
 }
 ERROR_TEXT = {
-    400: "Bad request (a form field, or a multipart body that is not one)",
+    400: "Bad request (a form field, a multipart body that is not one, or a URL the server "
+    "will not use)",
     404: "No such job (unknown, or expired)",
     409: "The job is not in a state that allows this",
     413: "The upload, or its audio, is longer than this server accepts",
     415: "The file is not audio this server accepts",
-    422: "The audio could not be decoded",
+    422: "The audio could not be decoded, or `audio_url` could not be fetched",
     500: "The transcription failed",
     503: "No model can take work now (loading, queue full, draining or restarting)",
 }
@@ -799,5 +862,24 @@ def openapi_document() -> dict[str, Any]:
             {"name": "ui", "description": "The web UI"},
         ],
         "paths": paths(),
+        "webhooks": {
+            "jobEnded": {
+                "post": {
+                    "summary": "A job with a `callback_url` ended",
+                    "description": "Signed per the Standard Webhooks spec: `webhook-id` "
+                    "(`msg_<job_id>`, the same on retries), `webhook-timestamp` (Unix "
+                    "seconds) and `webhook-signature: v1,<base64 HMAC-SHA256 of "
+                    '"{id}.{timestamp}.{body}">` with the server\'s `--webhook-secret`. '
+                    "Answer 2xx; 5xx, 429 and network errors are retried with back-off, "
+                    "other answers are not.",
+                    "operationId": "jobEnded",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("WebhookPayload")}},
+                    },
+                    "responses": {"2XX": {"description": "Delivered"}},
+                }
+            }
+        },
         "components": {"schemas": SCHEMAS},
     }

@@ -10,16 +10,18 @@ from typing import TypeVar
 import structlog
 from aiohttp import web
 
-from aiotranscribe import decoding
+from aiotranscribe import decoding, webhooks
 from aiotranscribe.api.access import TENANT
 from aiotranscribe.api.bodyrate import within_body_rate
 from aiotranscribe.api.errors import CLIENT_CLOSED, ApiError, error_response
+from aiotranscribe.config import Settings
+from aiotranscribe.fetch import fetch_audio
 from aiotranscribe.formats import CONTENT_TYPES, FORMATS, render_bytes
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, Job
 from aiotranscribe.keys import service_key, settings_key
 from aiotranscribe.rendered import cache_of, weight
 from aiotranscribe.service import JobGone, Submission, new_job_id
-from aiotranscribe.uploads import Upload, full_spool_is_507, receive_upload
+from aiotranscribe.uploads import URL_FIELD, Upload, full_spool_is_507, receive_upload
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
@@ -77,6 +79,12 @@ async def receive_submission(
         options = decoding.allowed(
             decoding.requested(upload.fields), model, service.pools[model].capabilities
         )
+        callback_url, webhook = None, None
+        if raw_callback := upload.fields.get(webhooks.FIELD):
+            callback_url = await webhooks.check_callback(raw_callback, settings)
+            webhook = webhooks.new_delivery(result_url(request, settings, job_id))
+        if upload.path is None:  # an audio_url instead of a file part: fetched last
+            await fetch_audio(upload.fields[URL_FIELD], job_dir, settings, upload)
     except BaseException:
         service.abandon(job_id)
         raise
@@ -93,8 +101,17 @@ async def receive_submission(
         tenant=request.get(TENANT),
         options=options,
         task=options.get("task", decoding.TRANSCRIBE),
+        callback_url=callback_url,
+        webhook=webhook,
     )
     return job_id, submission, upload
+
+
+def result_url(request: web.Request, settings: Settings, job_id: str) -> str:
+    """Where a webhook's receiver finds the result: under ``public_url``, or else the
+    scheme and host this request came in by."""
+    base = settings.public_url or str(request.url.origin())
+    return f"{base.rstrip('/')}/jobs/{job_id}/result"
 
 
 def client_gone(request: web.Request) -> bool:
@@ -176,9 +193,10 @@ async def transcribe_async(request: web.Request) -> web.StreamResponse:
 @routes.get("/jobs/{job_id}/status")
 async def job_status(request: web.Request) -> web.StreamResponse:
     job = await get_job(request)
-    if not job.terminal:
+    if not job.terminal or job.webhook_pending:
         return web.json_response(job.info())
-    # A finished job's record no longer changes: its answer (with the result) is built once.
+    # A finished job's record no longer changes (once its webhook is settled): its answer
+    # (with the result) is built once.
     info = job.info()
     body = await cache_of(request.app).get(
         job.id, "status", lambda: json.dumps(info).encode(), weight(job.result)

@@ -180,6 +180,15 @@ class JobStore(abc.ABC):
         """Change record fields without an event (refused once the job has ended)."""
 
     @abc.abstractmethod
+    async def set_webhook(self, job_id: str, state: dict[str, Any]) -> Job | None:
+        """Replace the job's webhook delivery state (``Job.webhook``), also after the job has
+        ended (delivery goes on after it). None when there is no such job (deleted, expired)."""
+
+    @abc.abstractmethod
+    async def pending_webhooks(self) -> list[Job]:
+        """Ended jobs whose webhook is still to be delivered, the earliest ended first."""
+
+    @abc.abstractmethod
     async def append_events(
         self, job_id: str, events: list[EventSpec], **changes: Any
     ) -> list[dict[str, Any]]:
@@ -249,7 +258,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def expire(self, now: float) -> list[str]:
-        """Delete jobs that ended more than ``ttl_s`` before ``now`` (Unix seconds)."""
+        """Delete jobs that ended more than ``ttl_s`` before ``now`` (Unix seconds); a job
+        whose webhook is still pending is kept until it is delivered or given up."""
 
     @abc.abstractmethod
     async def live_ids(self) -> set[str]:

@@ -104,6 +104,19 @@ class MemoryStore(JobStore):
         apply_changes(job, copy.deepcopy(changes))
         return copy.deepcopy(job)
 
+    async def set_webhook(self, job_id: str, state: dict[str, Any]) -> Job | None:
+        self._check()
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        job.webhook = copy.deepcopy(state)
+        return copy.deepcopy(job)
+
+    async def pending_webhooks(self) -> list[Job]:
+        self._check()
+        jobs = [j for j in self._jobs.values() if j.terminal and j.webhook_pending]
+        return [copy.deepcopy(j) for j in sorted(jobs, key=lambda j: j.finished_at or 0.0)]
+
     async def append_events(
         self, job_id: str, events: list[EventSpec], **changes: Any
     ) -> list[dict[str, Any]]:
@@ -226,7 +239,9 @@ class MemoryStore(JobStore):
         gone = [
             j.id
             for j in self._jobs.values()
-            if j.finished_at is not None and now - j.finished_at > self.ttl_s
+            if j.finished_at is not None
+            and now - j.finished_at > self.ttl_s
+            and not j.webhook_pending
         ]
         for job_id in gone:
             del self._jobs[job_id]

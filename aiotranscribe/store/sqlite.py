@@ -48,6 +48,7 @@ SCHEMA_VERSION = 1
 # The record's tenant, '' for none (keys never name an empty tenant): what jobs_tenant_page
 # indexes, so a query must spell it exactly this way to use the index.
 TENANT = "IFNULL(json_extract(record, '$.tenant'), '')"
+WEBHOOK_PENDING = "json_extract(record, '$.webhook.state') = 'pending'"
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs(
   id TEXT PRIMARY KEY,
@@ -59,6 +60,8 @@ CREATE TABLE IF NOT EXISTS jobs(
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(status) WHERE status IN ('pending','processing');
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+-- Ended jobs whose webhook is still to be delivered (read at start-up, kept by expire).
+CREATE INDEX IF NOT EXISTS jobs_webhook_pending ON jobs(finished_at) WHERE {WEBHOOK_PENDING};
 -- GET /jobs: one tenant's jobs newest first, a page after a (created_at, id) cursor.
 CREATE INDEX IF NOT EXISTS jobs_tenant_page ON jobs({TENANT}, created_at, id);
 CREATE TABLE IF NOT EXISTS slices(
@@ -382,6 +385,24 @@ class SqliteStore(JobStore):
         result: Job | None = await self._write(op)
         return result
 
+    async def set_webhook(self, job_id: str, state: dict[str, Any]) -> Job | None:
+        async def op(db: aiosqlite.Connection, _touched: set[str]) -> Job | None:
+            job = await self._load(db, job_id)
+            if job is not None:
+                job.webhook = state
+                await self._save(db, job)
+            return job
+
+        result: Job | None = await self._write(op)
+        return result
+
+    async def pending_webhooks(self) -> list[Job]:
+        rows = await self._rows(
+            f"SELECT record FROM jobs WHERE {WEBHOOK_PENDING} AND finished_at IS NOT NULL"
+            " ORDER BY finished_at"
+        )
+        return [Job.from_dict(json.loads(r[0])) for r in rows]
+
     async def append_events(
         self, job_id: str, events: list[EventSpec], **changes: Any
     ) -> list[dict[str, Any]]:
@@ -494,7 +515,8 @@ class SqliteStore(JobStore):
 
         async def op(db: aiosqlite.Connection, _touched: set[str]) -> list[str]:
             async with db.execute(
-                "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? RETURNING id",
+                "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
+                f" AND NOT IFNULL({WEBHOOK_PENDING}, 0) RETURNING id",
                 (cutoff,),
             ) as cur:
                 return [row[0] for row in await cur.fetchall()]
