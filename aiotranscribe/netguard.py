@@ -115,10 +115,10 @@ def check_syntax(raw: str, param: str | None = None) -> URL:
 
 def _embedded(ip: IPAddress) -> list[IPAddress]:
     """The address and every IPv4 address an IPv6 one carries to another network."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]  # a dual-stack socket connects to the IPv4 address itself
     found: list[IPAddress] = [ip]
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            found.append(ip.ipv4_mapped)
         if ip.sixtofour is not None:
             found.append(ip.sixtofour)
         if ip.teredo is not None:
@@ -131,7 +131,7 @@ def _embedded(ip: IPAddress) -> list[IPAddress]:
 def address_allowed(ip: IPAddress, allow_private: bool) -> bool:
     """Whether a connection to ``ip`` is allowed (see the module's rules)."""
     if allow_private:
-        return not ip.is_unspecified and not ip.is_multicast
+        return not any(a.is_unspecified or a.is_multicast for a in _embedded(ip))
     return all(
         a.is_global
         and not (a.is_multicast or a.is_reserved or a.is_unspecified or a.is_link_local)
