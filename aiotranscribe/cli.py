@@ -208,6 +208,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         type=float,
     )
     opt("--fetch-timeout-s", d.fetch_timeout_s, "longest audio_url download, seconds", type=float)
+    opt(
+        "--s3-endpoint-url",
+        d.s3_endpoint_url,
+        "S3-compatible endpoint for audio_url=s3://bucket/key (default: AWS; credentials from "
+        "the usual AWS env vars/files)",
+    )
     opt("--public-url", d.public_url, "base URL of this server for links in webhooks")
     opt("--webhook-secret", d.webhook_secret, "webhook signing key (whsec_<base64> or text)")
     opt("--webhook-timeout-s", d.webhook_timeout_s, "one webhook attempt's deadline", type=float)
@@ -284,6 +290,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         allowed_networks=_many(args, "allow_network"),
         url_connect_timeout_s=float(args.url_connect_timeout_s),
         fetch_timeout_s=float(args.fetch_timeout_s),
+        s3_endpoint_url=args.s3_endpoint_url or None,
         public_url=args.public_url or None,
         webhook_secret=args.webhook_secret or None,
         webhook_timeout_s=float(args.webhook_timeout_s),

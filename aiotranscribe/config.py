@@ -168,6 +168,11 @@ class Settings:
     fetch_timeout_s: float = 300.0
     """Longest an ``audio_url`` download may take, in seconds (then 422 url_unreachable)."""
 
+    s3_endpoint_url: str | None = None
+    """Where ``audio_url=s3://bucket/key`` is read from: None is AWS S3; set it for an
+    S3-compatible store (MinIO, Ceph). Credentials come from the usual AWS places (env vars,
+    ``~/.aws``, instance roles); without any, s3:// URLs are refused."""
+
     public_url: str | None = None
     """Base URL clients reach this server at (``https://asr.example.com``), for the links in
     webhook payloads. None: the scheme and host of the request that submitted the job."""

@@ -11,7 +11,7 @@ What a client gets when it goes wrong (never a 500):
 
 - 400 ``bad_request``: not an absolute URL; 400 ``url_forbidden``: another scheme, or an
   address the SSRF rules refuse (also after a redirect); 400 ``url_unsupported``: ``s3://``
-  (not built in: give a presigned https URL instead);
+  without an S3 client or credentials on the server (``aiotranscribe.s3``);
 - 422 ``url_unreachable``: the name does not resolve, the connection fails or times out,
   the origin answers anything but 200, or the download passes ``fetch_timeout_s``;
 - 413 ``too_large``, 415 ``unsupported_media_type``, 400 ``empty_file``: as for an upload.
@@ -22,12 +22,15 @@ In every case the job directory is removed by the caller.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import unquote
 
 import aiohttp
 from yarl import URL
 
+from aiotranscribe import s3
 from aiotranscribe.config import Settings
 from aiotranscribe.netguard import Unreachable, UrlError, UrlPolicy, check_syntax, open_url
 from aiotranscribe.uploads import (
@@ -59,16 +62,29 @@ def filename_of(url: URL) -> str:
     return clean_filename(name) if name else "audio"
 
 
+def is_s3(raw: str) -> bool:
+    return raw.lower().startswith("s3://")
+
+
 def check_audio_url(raw: str) -> URL:
     """Syntax and scheme, before anything is fetched (400s)."""
-    if raw.lower().startswith("s3://"):
-        raise UrlError(
-            400,
-            "url_unsupported",
-            "this server does not read s3:// URLs; give an https URL (an S3 presigned URL works)",
-            URL_FIELD,
-        )
+    if is_s3(raw):
+        bucket, key = s3.parse(raw)
+        return URL.build(scheme="s3", host=bucket, path="/" + key)
     return check_syntax(raw, URL_FIELD)
+
+
+@asynccontextmanager
+async def _http_object(
+    url: URL, settings: Settings
+) -> AsyncIterator[tuple[int | None, AsyncIterator[bytes]]]:
+    """``(content_length, chunks)`` of an http(s) URL, under the SSRF rules."""
+    policy = UrlPolicy.of(settings, MAX_REDIRECTS)
+    headers = {"Accept": ACCEPT}
+    async with open_url("GET", url, policy, param=URL_FIELD, headers=headers) as response:
+        if response.status != 200:
+            raise unreachable(f"the server answered {response.status}, not 200")
+        yield response.content_length, response.content.iter_chunked(CHUNK_BYTES)
 
 
 async def fetch_audio(raw: str, job_dir: Path, settings: Settings, upload: Upload) -> None:
@@ -78,25 +94,17 @@ async def fetch_audio(raw: str, job_dir: Path, settings: Settings, upload: Uploa
     limit = settings.max_upload_bytes
     partial = job_dir / "upload.part"
     upload.filename = filename_of(url)
+    source = (
+        s3.open_object(raw, settings.s3_endpoint_url, unreachable)
+        if is_s3(raw)
+        else _http_object(url, settings)
+    )
     try:
-        async with (
-            asyncio.timeout(settings.fetch_timeout_s),
-            open_url(
-                "GET",
-                url,
-                UrlPolicy.of(settings, MAX_REDIRECTS),
-                param=URL_FIELD,
-                headers={"Accept": ACCEPT},
-            ) as response,
-        ):
-            if response.status != 200:
-                raise unreachable(f"the server answered {response.status}, not 200")
-            if response.content_length is not None and response.content_length > limit:
+        async with asyncio.timeout(settings.fetch_timeout_s), source as (length, chunks):
+            if length is not None and length > limit:
                 raise too_large(limit)
             with full_spool_is_507():
-                await write_stream(
-                    response.content.iter_chunked(CHUNK_BYTES), partial, limit, upload
-                )
+                await write_stream(chunks, partial, limit, upload)
     except TimeoutError:
         raise unreachable(f"the download took longer than {settings.fetch_timeout_s:g} s") from None
     except Unreachable as exc:
