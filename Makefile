@@ -21,8 +21,9 @@ test: setup
 
 setup: system-deps $(VENV)/.installed
 
-# ffmpeg decodes uploads; espeak-ng and sox make the tests' speech; chromium runs the UI tests.
-SYSTEM_TOOLS := ffmpeg espeak-ng sox chromium
+# ffmpeg decodes uploads; espeak-ng and sox make the tests' speech; chromium runs the UI tests;
+# redis-server backs --store redis:// in its tests (each tool's Debian package has its name).
+SYSTEM_TOOLS := ffmpeg espeak-ng sox chromium redis-server
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \

@@ -68,15 +68,16 @@ def build_pools(
 ) -> dict[str, InferencePool]:
     """One pool per served model (``config.model_table``: raises ``ModelsError``)."""
     pools: dict[str, InferencePool] = {}
-    for name, model in model_table(settings).items():
+    for name, configured in model_table(settings).items():
+        model = configured.resolved(settings)
 
-        def factory(model: ModelSettings = model) -> Worker:
+        def factory(device: str, model: ModelSettings = model) -> Worker:
             if worker_factory is not None:
                 return worker_factory(model.source)
             return make_worker(
                 settings.executor,
                 model.source,
-                model.device or settings.device,
+                device,
                 settings.torch_threads,
                 model.engine_config(),
             )
@@ -85,7 +86,10 @@ def build_pools(
             name,
             factory,
             store,
+            devices=model.worker_devices(),
             batch_size=model.batch_size or settings.batch_size,
+            max_batch_audio_s=model.max_batch_audio_s,
+            max_batch_wait_ms=settings.max_batch_wait_ms,
             on_batch=metrics.batch_observer(name) if metrics is not None else None,
         )
     return pools
@@ -129,7 +133,7 @@ def create_app(
     app[websockets_key] = weakref.WeakSet()
 
     def speed_of(model: str) -> float | None:
-        return pools[model].stats.speed
+        return pools[model].throughput
 
     admission = Admission(settings.max_queued_audio_s, settings.admission_estimate_s, speed_of)
     service_holder: list[TranscriptionService] = []

@@ -54,22 +54,23 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--models-file",
         None,
         "a TOML file of [models.NAME] tables (source, decoder, max_slice_s, languages, "
-        "batch_size, device); its models come before --model's",
+        "batch_size, device, workers, max_batch_audio_s, precision, fast_decoding); its "
+        "models come before --model's",
     )
-    opt("--device", d.device, "auto, cpu, cuda or cuda:N")
+    opt("--device", d.device, "auto, cpu, cuda or cuda:N; comma-separated: one worker each")
     opt(
         "--executor",
         d.executor,
         "where models live: process (default) or thread",
         choices=["process", "thread"],
     )
-    opt("--torch-threads", d.torch_threads, "CPU threads per model (default: torch's)", type=int)
+    opt("--torch-threads", d.torch_threads, "CPU threads per worker (default: torch's)", type=int)
     opt("--spool-dir", str(d.spool_dir), "directory for uploads and converted audio")
     opt(
         "--store",
         d.store,
-        "where jobs live: sqlite (durable, default) or memory",
-        choices=["sqlite", "memory"],
+        "where jobs live: sqlite (durable, default), memory, or a Redis URL "
+        "redis://[:password@]host:port/db",
     )
     opt("--data-dir", str(d.data_dir), "directory of the SQLite job database")
     opt(
@@ -87,6 +88,37 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         type=float,
     )
     opt("--batch-size", d.batch_size, "most slices per model call", type=int)
+    opt(
+        "--max-batch-audio-s",
+        d.max_batch_audio_s,
+        "most audio per model call, seconds, padded (slices x the longest); default: no bound",
+        type=float,
+    )
+    opt(
+        "--max-batch-wait-ms",
+        d.max_batch_wait_ms,
+        "how long a free worker waits to fill a batch, from the oldest slice's arrival",
+        type=float,
+    )
+    opt(
+        "--workers",
+        d.workers,
+        "worker processes per model on each --device entry (each loads the model)",
+        type=int,
+    )
+    opt(
+        "--precision",
+        d.precision,
+        "inference precision on CUDA: fp32 (default), bf16 or fp16 autocast",
+        choices=["fp32", "bf16", "fp16"],
+    )
+    fast = env_default("fast-decoding")
+    p.add_argument(
+        "--fast-decoding",
+        action=argparse.BooleanOptionalAction,
+        default=d.fast_decoding if fast is None else fast.lower() not in ("0", "false", "off"),
+        help="RNNT/TDT: NeMo's greedy label-looping decoder with CUDA graphs (default: on)",
+    )
     opt(
         "--max-queued-audio-s",
         d.max_queued_audio_s,
@@ -262,6 +294,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_audio_seconds=float(args.max_audio_seconds),
         chunk_seconds=float(args.chunk_seconds) if args.chunk_seconds else None,
         batch_size=int(args.batch_size),
+        max_batch_audio_s=float(args.max_batch_audio_s) if args.max_batch_audio_s else None,
+        max_batch_wait_ms=float(args.max_batch_wait_ms),
+        workers=int(args.workers),
+        precision=args.precision,
+        fast_decoding=bool(args.fast_decoding),
         max_queued_audio_s=float(args.max_queued_audio_s),
         admission_estimate_s=float(args.admission_estimate_s),
         job_ttl_s=float(args.job_ttl_s),
@@ -381,6 +418,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"(choose from {', '.join(choices)})"
                 )
         settings = settings_from_args(args)
+        from aiotranscribe.store import check_store
+
+        try:
+            check_store(settings.store)
+        except ValueError as exc:
+            parser.error(f"--store: {exc}")
         from aiotranscribe.api.access import KeysFileError, load_keys
         from aiotranscribe.config import ModelsError, model_table
         from aiotranscribe.netguard import UrlPolicy

@@ -15,7 +15,8 @@ from typing import Any, Literal
 ENV_PREFIX = "AIOTRANSCRIBE_"
 
 Executor = Literal["process", "thread"]
-StoreKind = Literal["sqlite", "memory"]
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = ("fp32", "bf16", "fp16")
 Synchronous = Literal["full", "normal"]
 MetricsAccess = Literal["key", "open"]
 LogFormat = Literal["json", "console"]
@@ -37,14 +38,21 @@ class Settings:
 
     models_file: Path | None = None
     """A TOML file with one ``[models.NAME]`` table per model (``source``, and optionally
-    ``decoder``, ``max_slice_s``, ``languages``, ``batch_size``, ``device``)."""
+    ``decoder``, ``max_slice_s``, ``languages``, ``batch_size``, ``device``, ``workers``,
+    ``max_batch_audio_s``, ``precision``, ``fast_decoding``)."""
 
     device: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; several,
+    comma-separated (``cuda:0,cuda:1``), run one worker on each, all fed from one queue."""
+
+    workers: int = 1
+    """Worker processes per model on each ``device`` entry (each holds its own copy of the
+    model). On a CPU host, N workers with ``torch_threads`` cores each."""
 
     torch_threads: int | None = None
-    """CPU threads torch may use per model (``torch.set_num_threads``); None keeps torch's
-    default (one per core). On a shared or small CPU host, 1 is often several times faster."""
+    """CPU threads torch may use per worker (``torch.set_num_threads``); None keeps torch's
+    default (one per core). On a shared or small CPU host, 1 is often several times faster;
+    with ``workers`` N, give each worker its share of the cores."""
 
     executor: Executor = "process"
     """``process``: each model lives in its own spawned worker process (the server never
@@ -54,9 +62,12 @@ class Settings:
     """Where uploads and converted audio live while a job runs; one sub-directory per job,
     each holding a marker file. The server only ever removes such directories."""
 
-    store: StoreKind = "sqlite"
+    store: str = "sqlite"
     """Where jobs and their events live: ``sqlite`` (a file in ``data_dir``; jobs survive
-    crashes and restarts) or ``memory`` (lost when the server stops)."""
+    crashes and restarts), ``memory`` (lost when the server stops) or a Redis URL,
+    ``redis://[:password@]host:port/db`` (also ``rediss://`` for TLS, ``unix:///path?db=N``):
+    jobs survive what that Redis's persistence survives (AOF ``appendfsync always``: a
+    ``kill -9`` of redis-server too)."""
 
     data_dir: Path = Path("data")
     """Directory of the SQLite job database (``jobs.sqlite3``). Keep it on a local disk
@@ -86,6 +97,23 @@ class Settings:
 
     batch_size: int = 8
     """Most slices the pool sends to a worker in one call (slices of different jobs mix)."""
+
+    max_batch_audio_s: float | None = None
+    """Most audio in one model call, in seconds, counted padded (slices x the longest one),
+    which is what GPU memory grows with. None: bounded by ``batch_size`` only."""
+
+    max_batch_wait_ms: float = 5.0
+    """How long a free worker may wait for more slices to fill a batch, in milliseconds,
+    counted from the oldest waiting slice's arrival (so work that waited already does not
+    wait again). 0: take what waits at once."""
+
+    precision: Precision = "fp32"
+    """Inference precision on CUDA: ``fp32``, or ``bf16``/``fp16`` autocast (faster, within
+    rounding of fp32; bf16 needs Ampere or newer, else fp16 is used). CPU always runs fp32."""
+
+    fast_decoding: bool = True
+    """RNNT/TDT models decode with NeMo's batched greedy label-looping decoder, with CUDA
+    graphs on a GPU, whatever their checkpoint says. Off: the checkpoint's own settings."""
 
     max_queued_audio_s: float = 36000.0
     """Admission limit per model, in seconds of audio: every admitted job counts, from its
@@ -225,7 +253,18 @@ def env_default(name: str, fallback: str | None = None) -> str | None:
 # -- models ------------------------------------------------------------------------------------
 
 DECODERS = ("tdt", "ctc")
-MODEL_KEYS = ("source", "decoder", "max_slice_s", "languages", "batch_size", "device")
+MODEL_KEYS = (
+    "source",
+    "decoder",
+    "max_slice_s",
+    "languages",
+    "batch_size",
+    "device",
+    "workers",
+    "max_batch_audio_s",
+    "precision",
+    "fast_decoding",
+)
 
 
 class ModelsError(ValueError):
@@ -235,7 +274,7 @@ class ModelsError(ValueError):
 @dataclass(frozen=True)
 class ModelSettings:
     """One served model, from ``--model`` or a ``[models.NAME]`` table. Fields left None take
-    the server-wide setting (``batch_size``, ``device``) or the family's default."""
+    the server-wide setting (``resolved``) or the family's default."""
 
     name: str
     source: str
@@ -247,8 +286,32 @@ class ModelSettings:
     """ISO 639-1 codes it transcribes, where its tokenizer does not say."""
     batch_size: int | None = None
     device: str | None = None
+    """One device, or several comma-separated: one worker each (times ``workers``)."""
+    workers: int | None = None
+    max_batch_audio_s: float | None = None
+    precision: Precision | None = None
+    fast_decoding: bool | None = None
     origin: str = "--model"
     """Where it was configured (for error messages)."""
+
+    def resolved(self, settings: Settings) -> ModelSettings:
+        """This model with the server-wide settings where it sets none."""
+        return dataclasses.replace(
+            self,
+            batch_size=self.batch_size or settings.batch_size,
+            device=self.device or settings.device,
+            workers=self.workers or settings.workers,
+            max_batch_audio_s=self.max_batch_audio_s or settings.max_batch_audio_s,
+            precision=self.precision or settings.precision,
+            fast_decoding=(
+                settings.fast_decoding if self.fast_decoding is None else self.fast_decoding
+            ),
+        )
+
+    def worker_devices(self) -> tuple[str, ...]:
+        """The device of each worker: every ``device`` entry, ``workers`` times."""
+        entries = [d.strip() for d in (self.device or "auto").split(",") if d.strip()]
+        return tuple(d for d in entries or ["auto"] for _ in range(self.workers or 1))
 
     def engine_config(self) -> dict[str, Any]:
         """What the worker needs to know besides source and device (plain data: it is
@@ -258,6 +321,8 @@ class ModelSettings:
             "decoder": self.decoder,
             "max_slice_s": self.max_slice_s,
             "languages": list(self.languages) if self.languages is not None else None,
+            "precision": self.precision,
+            "fast_decoding": self.fast_decoding,
         }
 
 
@@ -295,10 +360,22 @@ def _model_from_table(name: str, table: Any, origin: str) -> ModelSettings:
     try:
         max_slice = float(table["max_slice_s"]) if "max_slice_s" in table else None
         batch = int(table["batch_size"]) if "batch_size" in table else None
+        workers = int(table["workers"]) if "workers" in table else None
+        batch_audio = float(table["max_batch_audio_s"]) if "max_batch_audio_s" in table else None
     except (TypeError, ValueError) as exc:
         raise ModelsError(f"{origin}: [models.{name}]: {exc}") from None
     if (max_slice is not None and max_slice < 2) or (batch is not None and batch < 1):
         raise ModelsError(f"{origin}: [models.{name}] max_slice_s must be >= 2, batch_size >= 1")
+    if (workers is not None and workers < 1) or (batch_audio is not None and batch_audio <= 0):
+        raise ModelsError(f"{origin}: [models.{name}] workers must be >= 1, max_batch_audio_s > 0")
+    precision = table.get("precision")
+    if precision is not None and precision not in PRECISIONS:
+        raise ModelsError(
+            f"{origin}: [models.{name}] precision must be one of {', '.join(PRECISIONS)}"
+        )
+    fast = table.get("fast_decoding")
+    if fast is not None and not isinstance(fast, bool):
+        raise ModelsError(f"{origin}: [models.{name}] fast_decoding must be true or false")
     device = table.get("device")
     return ModelSettings(
         name=name,
@@ -308,6 +385,10 @@ def _model_from_table(name: str, table: Any, origin: str) -> ModelSettings:
         languages=tuple(x.lower() for x in languages) if languages is not None else None,
         batch_size=batch,
         device=str(device) if device is not None else None,
+        workers=workers,
+        max_batch_audio_s=batch_audio,
+        precision=precision,
+        fast_decoding=fast,
         origin=origin,
     )
 

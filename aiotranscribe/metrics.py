@@ -246,6 +246,23 @@ class StateCollector(Collector):
         yield from (ready, depth, waited, slices, batches, busy, audio, restarts, rejected)
         yield from (admitted, restarts_b, split)
 
+        up = gauge("worker_ready", "1 when this worker of the model serves", ["model", "worker"])
+        pids = gauge(
+            "worker_pid", "Process id of the worker (0: none, or a thread)", ["model", "worker"]
+        )
+        lane_batches = CounterMetricFamily(
+            f"{PREFIX}_worker_batches",
+            "Inference calls per worker",
+            labels=["model", "worker"],
+        )
+        for name, pool in self.pools.items():
+            for lane in pool.lanes:
+                labels = [name, str(lane.index)]
+                up.add_metric(labels, 1.0 if lane.state == "ready" else 0.0)
+                pids.add_metric(labels, float(lane.pid or 0))
+                lane_batches.add_metric(labels, lane.batches)
+        yield from (up, pids, lane_batches)
+
         active = gauge("jobs_active", "Jobs not yet ended, by status", ["status"])
         counts = {PENDING: 0, PROCESSING: 0}
         for status in self.service.active.values():

@@ -122,15 +122,16 @@ class Pipeline:
         the terminal event). Raises AudioError, ModelUnavailable or WorkerError."""
         wav = workdir / WAV
         records = await self.store.slices(job.id)
+        announced = None  # the queue position the job's last status event gave
         if not records:
-            records = await self._convert(job, pool, workdir, timings)
+            records, announced = await self._convert(job, pool, workdir, timings)
         elif not await asyncio.to_thread(wav.exists):
             raise audio.AudioError(
                 410, "audio_missing", "the job's converted audio is gone from the spool"
             )
         duration = job.duration_s or 0.0
         timings.setdefault("audio_s", duration)
-        segments = await self._infer(job, pool, wav, records, duration, timings)
+        segments = await self._infer(job, pool, wav, records, duration, timings, announced)
         job.stage = "finalizing"
         caps = pool.capabilities or {}
         result = build_result(
@@ -149,8 +150,9 @@ class Pipeline:
 
     async def _convert(
         self, job: Job, pool: InferencePool, workdir: Path, timings: dict[str, float]
-    ) -> list[SliceRecord]:
-        """Upload -> 16 kHz WAV -> slices, committed together; then the upload goes."""
+    ) -> tuple[list[SliceRecord], int]:
+        """Upload -> 16 kHz WAV -> slices, committed together; then the upload goes.
+        Returns the slices and the queue position announced with them."""
         settings = self.settings
         upload, wav = workdir / UPLOAD, workdir / WAV
         if not await asyncio.to_thread(upload.exists):
@@ -222,14 +224,12 @@ class Pipeline:
         slices = await asyncio.to_thread(chunking.plan_slices, wav, self.chunk_seconds(pool))
         job.stage, job.duration_s = "transcribing", duration
         self.active[job.id] = PROCESSING
+        # Where the job joins the model's line (``_infer`` corrects it once it has).
+        position = pool.queue.expected_position(job.id)
         events: list[EventSpec] = [
             (
                 "status",
-                {
-                    "status": PROCESSING,
-                    "stage": "transcribing",
-                    "queue_position": pool.queue_position(job.id),
-                },
+                {"status": PROCESSING, "stage": "transcribing", "queue_position": position},
             ),
             self._progress(
                 job,
@@ -238,7 +238,7 @@ class Pipeline:
                 chunks_total=len(slices),
                 audio_done_s=0.0,
                 audio_total_s=round(duration, 3),
-                eta_s=self._eta(pool, duration),
+                eta_s=self._eta(pool, job.id, duration),
             ),
         ]
         await self.store.add_slices(
@@ -252,7 +252,7 @@ class Pipeline:
         )
         # The slices are committed: from here a restart resumes from the WAV.
         await asyncio.to_thread(upload.unlink, missing_ok=True)
-        return await self.store.slices(job.id)
+        return await self.store.slices(job.id), position
 
     def chunk_seconds(self, pool: InferencePool) -> float:
         """The slice length for ``pool``'s model: ``--chunk-seconds``, else 20 s on CPU (slow
@@ -264,12 +264,27 @@ class Pipeline:
         cap = (pool.capabilities or {}).get("max_slice_s")
         return min(chosen, float(cap)) if cap else chosen
 
-    def _eta(self, pool: InferencePool, remaining_audio_s: float) -> float | None:
-        speed = pool.stats.speed
+    def _eta(self, pool: InferencePool, job_id: str, remaining_audio_s: float) -> float | None:
+        """Seconds until the job is transcribed: its own remaining audio plus what other
+        jobs will be served meanwhile (round-robin: about as much as it has waiting, each),
+        at the speed of all the model's workers together; None until a batch has run."""
+        speed = pool.throughput
         if not speed:
             return None
-        backlog = pool.queued * self.chunk_seconds(pool)
-        return round((remaining_audio_s + backlog) / speed, 2)
+        own = int(remaining_audio_s * pool.sample_rate)
+        others = pool.queue.competing_frames(job_id, own) / pool.sample_rate
+        return round((remaining_audio_s + others) / speed, 2)
+
+    async def _announce_position(
+        self, job: Job, pool: InferencePool, announced: int | None
+    ) -> int | None:
+        """A status event when the job's place in line changed since ``announced``: while it
+        waits, and once more (null) when a worker takes its first slice."""
+        position = pool.wait_position(job.id)
+        if position != announced:
+            status = {"status": PROCESSING, "stage": "transcribing", "queue_position": position}
+            await self._emit(job, [("status", status)])
+        return position
 
     async def _infer(
         self,
@@ -279,6 +294,7 @@ class Pipeline:
         records: list[SliceRecord],
         duration: float,
         timings: dict[str, float],
+        announced: int | None = None,
     ) -> list[dict[str, Any]]:
         rate = pool.sample_rate
         results: list[dict[str, Any] | None] = [
@@ -292,12 +308,26 @@ class Pipeline:
         index_of = {fut: r.idx for fut, r in zip(futures, waiting, strict=True)}
         first_done: float | None = None
         pending = set(futures)
+        position = announced
         try:
             await self._publish_ready(
                 job, pool, records, results, duration, rate, pending, initial=True
             )
+            if pending:
+                position = await self._announce_position(job, pool, position)
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                # While the job waits for its first turn, places in line are watched too.
+                turn = pool.queue.turned() if position is not None else None
+                waits: set[asyncio.Future[Any]] = set(pending)
+                if turn is not None:
+                    waits.add(turn)
+                finished, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if turn in finished:
+                    position = await self._announce_position(job, pool, position)
+                done = pending & finished
+                if not done:
+                    continue
+                pending -= done
                 if first_done is None:
                     first_done = time.perf_counter()
                 missing = False
@@ -358,7 +388,7 @@ class Pipeline:
                 chunks_total=len(records),
                 audio_done_s=round(audio_done, 3),
                 audio_total_s=round(duration, 3),
-                eta_s=self._eta(pool, duration - audio_done) if pending else 0.0,
+                eta_s=self._eta(pool, job.id, duration - audio_done) if pending else 0.0,
             )
         )
         await self._emit(

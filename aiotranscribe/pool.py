@@ -1,25 +1,29 @@
-"""InferencePool: a supervised batcher in front of one model worker.
+"""InferencePool: one model's queue, batcher and workers.
 
-Slices of every job wait in one ``SliceQueue``. When the worker is free the batcher takes
-up to ``batch_size`` of them (from as many jobs as wait), leases them in the store, runs
-them, commits the results (a result counts only once the store accepted it under its
-lease), then resolves each slice's future.
+Slices of every job wait in one ``SliceQueue``. Each worker of the model (a ``Lane``: one
+per ``--device`` entry, times ``--workers``) takes the next batch when it is free (see
+``SliceQueue.take``: like lengths, bounded by count and padded audio, a ramp for jobs that
+just started), waiting up to ``max_batch_wait_ms`` from the oldest slice's arrival to fill
+it. A batch is leased in the store, run, and its results committed (a result counts only
+once the store accepted it under its lease); then each slice's future resolves.
 
-Supervision: whatever goes wrong, no future is left pending and the loop goes on.
-- The worker dies mid-batch: its slices are requeued with a new lease epoch and go back to
-  the head of the queue once (a slice in two crashed batches fails: it may be the cause);
-  the worker is restarted with back-off while admitted slices wait ("restarting").
+Supervision: whatever goes wrong, no future is left pending and the loops go on.
+- A worker dies mid-batch: that batch's slices are requeued with a new lease epoch and go
+  back to the head of the queue once (a slice in two crashed batches fails: it may be the
+  cause); that worker is restarted with back-off (``supervisor.Lane``) while the others
+  go on serving. With every worker restarting, admitted slices wait ("restarting").
 - A batch raises an error: it is retried slice by slice, so a poisonous slice fails only
   its own job and no job sees another job's error text.
 - A respawn that fails (``Process.start()`` raising, a process that survives kill) is
-  retried with back-off, then the pool is marked failed and every waiting slice fails.
-- The back-off resets after a healthy period.
+  retried with back-off, then that worker is failed; once every worker has, the pool is
+  failed and every waiting slice fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -31,20 +35,30 @@ import structlog
 
 from aiotranscribe.slicequeue import SliceQueue, SliceTask
 from aiotranscribe.store import JobStore
-from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError, public_reason
+from aiotranscribe.supervisor import (
+    FAILED,
+    LOADING,
+    READY,
+    RESTARTING,
+    STOPPED,
+    Lane,
+    RestartPolicy,
+)
+from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError
 
 log = structlog.get_logger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 2.0, 10.0, 30.0)
-# Failed restarts in a row before the pool gives up and fails what waits.
+# Failed restarts in a row before a worker is given up.
 MAX_RESTARTS = 5
-# A worker that served this long resets the back-off.
-HEALTHY_S = 60.0
 # How long a lease is marked valid in the store (informational on one host: a restart
 # requeues every lease; a shared queue would reclaim after it).
 LEASE_S = 600.0
+# A slice shorter than this share of the longest in its batch waits for a batch of its
+# own size: padding it would cost more than a batch of its own (benchmarks/batching.py).
+MIN_FILL = 0.5
 
-LOADING, READY, RESTARTING, FAILED, STOPPED = "loading", "ready", "restarting", "failed", "stopped"
+__all__ = ["FAILED", "LOADING", "READY", "RESTARTING", "STOPPED", "InferencePool"]
 
 
 class ModelUnavailable(Exception):
@@ -70,11 +84,12 @@ class PoolStats:
     """Batches that failed and were retried slice by slice."""
     audio_s: float = 0.0
     busy_s: float = 0.0
+    """Time workers spent in inference calls, all workers together."""
     queue_wait_s: float = 0.0
 
     @property
     def speed(self) -> float | None:
-        """Audio seconds transcribed per busy second, once measured."""
+        """Audio seconds transcribed per busy second of one worker, once measured."""
         return self.audio_s / self.busy_s if self.busy_s > 0 else None
 
 
@@ -82,53 +97,118 @@ class InferencePool:
     def __init__(
         self,
         name: str,
-        worker_factory: Callable[[], Worker],
+        worker_factory: Callable[[str], Worker],
         store: JobStore,
         *,
+        devices: Sequence[str] = ("auto",),
         batch_size: int = 8,
+        max_batch_audio_s: float | None = None,
+        max_batch_wait_ms: float = 0.0,
         sample_rate: int = 16000,
         on_batch: Callable[[int, float, float], None] | None = None,
         restart_backoff_s: Sequence[float] = RESTART_BACKOFF_S,
         max_restarts: int = MAX_RESTARTS,
     ) -> None:
+        """``worker_factory(device)`` makes a worker handle; one worker runs per entry of
+        ``devices`` (repeat an entry for several workers on one device)."""
         self.name = name
-        self._factory = worker_factory
         self.store = store
         self.batch_size = batch_size
+        self.max_batch_audio_s = max_batch_audio_s
+        self.max_batch_wait_s = max_batch_wait_ms / 1000.0
         self.sample_rate = sample_rate
         self._on_batch = on_batch
-        self.restart_backoff_s = tuple(restart_backoff_s)
-        self.max_restarts = max_restarts
+        self.policy = RestartPolicy(tuple(restart_backoff_s), max_restarts)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{name}"
         self.queue = SliceQueue()
-        self.worker: Worker | None = None
-        self.state = LOADING
-        self.error: str | None = None
-        """What went wrong last, for the log (may hold paths and exception text)."""
-        self.public_error: str | None = None
-        """The same, in words clients may see."""
-        self._reason = "worker_failed"
-        self.info: dict[str, Any] = {}
-        """What the worker said about the model at its last load (device, capabilities...)."""
         self.stats = PoolStats()
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: list[SliceTask] = []
+        self.lanes = [
+            Lane(self, i, device, functools.partial(worker_factory, device))
+            for i, device in enumerate(devices or ("auto",))
+        ]
+        self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._commits: asyncio.Queue[list[tuple[SliceTask, dict[str, Any]]]] = asyncio.Queue()
         self._committer: asyncio.Task[None] | None = None
         self._draining = False
+        self._stopped = False
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``ready`` while any worker serves; else ``restarting``, ``loading``, or ``failed``
+        once every worker has failed (``stopped`` after ``close``)."""
+        if self._stopped:
+            return STOPPED
+        states = {lane.state for lane in self.lanes}
+        return next((s for s in (READY, RESTARTING, LOADING) if s in states), FAILED)
+
+    @property
+    def error(self) -> str | None:
+        """What went wrong last, for the log (may hold paths and exception text)."""
+        return next((lane.error for lane in self.lanes if lane.error), None)
+
+    @property
+    def public_error(self) -> str | None:
+        """The same, in words clients may see."""
+        return next((lane.public_error for lane in self.lanes if lane.public_error), None)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What a worker said about the model at its last load (device, capabilities...)."""
+        return next((lane.info for lane in self.lanes if lane.info), {})
+
+    @property
+    def worker(self) -> Worker | None:
+        """The first worker (the only one unless several run)."""
+        return self.lanes[0].worker
+
+    @property
+    def inflight(self) -> list[SliceTask]:
+        """Slices every worker is running now."""
+        return [t for lane in self.lanes for t in lane.inflight]
+
+    @property
+    def throughput(self) -> float | None:
+        """Audio seconds per second all serving workers together get through, once measured."""
+        speed = self.stats.speed
+        if speed is None:
+            return None
+        return speed * max(1, sum(lane.state == READY for lane in self.lanes))
+
+    @property
+    def restart_backoff_s(self) -> tuple[float, ...]:
+        return self.policy.backoff_s
+
+    @restart_backoff_s.setter
+    def restart_backoff_s(self, value: Sequence[float]) -> None:
+        self.policy.backoff_s = tuple(value)
+
+    @property
+    def max_restarts(self) -> int:
+        return self.policy.max_restarts
+
+    @max_restarts.setter
+    def max_restarts(self, value: int) -> None:
+        self.policy.max_restarts = value
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the model in the background; the server answers meanwhile."""
-        self._task = asyncio.create_task(self._supervise(), name=f"pool:{self.name}")
+        """Load the model in the background (every worker); the server answers meanwhile."""
+        for lane in self.lanes:
+            lane.start()
         self._committer = asyncio.create_task(self._commit_loop(), name=f"commit:{self.name}")
 
     async def close(self, drain_timeout: float = 0.0) -> None:
-        """Take no new batch, let the batch in flight finish and commit (up to
-        ``drain_timeout``), fail what waits, and stop the worker (nothing left running)."""
+        """Take no new batch, let the batches in flight finish and commit (up to
+        ``drain_timeout``), fail what waits, and stop the workers (nothing left running)."""
         self._draining = True
         self.queue.changed.set()
         if drain_timeout > 0:
@@ -136,94 +216,22 @@ class InferencePool:
                 async with asyncio.timeout(drain_timeout):
                     await self._idle.wait()
                     await self._commits.join()
-        self.state = STOPPED
-        for task in (self._task, self._committer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._fail(self.queue.remove_all(), None)
-        await self._stop_worker()
+        self._stopped = True
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        inflight = self.inflight
+        await asyncio.gather(*(lane.stop() for lane in self.lanes))
+        self._fail(self.queue.remove_all() + inflight, None)
 
-    def _backoff(self, failures: int) -> float:
-        return self.restart_backoff_s[min(failures, len(self.restart_backoff_s)) - 1]
-
-    async def _supervise(self) -> None:
-        failures = 0
-        loaded_once = False
-        loop = asyncio.get_running_loop()
-        while not self._draining:
-            if self.worker is None:
-                if not await self._load():
-                    if not loaded_once:  # a model that never loads is a configuration error
-                        self._give_up(
-                            f"model {self.name!r} failed to load: {public_reason(self._reason)}"
-                        )
-                        return
-                    failures += 1
-                    if failures > self.max_restarts or not await self._stop_worker():
-                        self._give_up(f"the model worker of {self.name!r} could not be restarted")
-                        return
-                    self.state = RESTARTING
-                    await asyncio.sleep(self._backoff(failures))
-                    continue
-                loaded_once = True
-            healthy_since = loop.time()
-            try:
-                await self._serve()
-                return  # draining
-            except WorkerCrashed as exc:
-                self.stats.worker_restarts += 1
-                log.error("worker_crashed", model=self.name, error=exc.message)
-                self.error = exc.message
-                self.state = RESTARTING
-                if not await self._stop_worker():
-                    self._give_up(f"the crashed model worker of {self.name!r} could not be stopped")
-                    return
-            except Exception:
-                self.stats.batcher_restarts += 1
-                log.exception("batcher_crashed", model=self.name)
-            if loop.time() - healthy_since > HEALTHY_S:
-                failures = 0
-            failures += 1
-            delay = self._backoff(failures)
-            log.info("pool_restart", model=self.name, in_s=delay, failures=failures)
-            await asyncio.sleep(delay)
-
-    async def _load(self) -> bool:
-        try:
-            self.worker = self._factory()
-            self.info = await self.worker.load()
-        except WorkerError as exc:
-            self.error, self._reason = exc.message, exc.code
-        except Exception as exc:  # e.g. OSError from Process.start()
-            self.error, self._reason = f"{type(exc).__name__}: {exc}", "worker_failed"
-        else:
-            self.sample_rate = int(self.info.get("sample_rate", self.sample_rate))
-            self.state, self.error, self.public_error = READY, None, None
-            log.info("model_loaded", model=self.name, **self.info)
-            return True
-        log.error("model_load_failed", model=self.name, error=self.error)
-        return False
-
-    async def _stop_worker(self) -> bool:
-        """Stop the worker; False when it could not be (e.g. a process that survives kill)."""
-        worker, self.worker = self.worker, None
-        if worker is None:
-            return True
-        try:
-            await worker.stop()
-        except Exception as exc:
-            self.error = f"stopping the worker failed: {type(exc).__name__}: {exc}"
-            log.error("worker_stop_failed", model=self.name, error=self.error)
-            return False
-        return True
-
-    def _give_up(self, public: str) -> None:
-        """Fail for good: clients get ``public``; the log gets the detail too."""
-        self.state, self.public_error = FAILED, public
-        log.error("pool_failed", model=self.name, reason=public, error=self.error)
-        self._fail(self.queue.remove_all(), ModelUnavailable(public))
+    def lane_changed(self, lane: Lane) -> None:
+        if lane.state == READY:
+            self.sample_rate = int(lane.info.get("sample_rate", self.sample_rate))
+        elif self.state == FAILED:
+            log.error("pool_failed", model=self.name, reason=lane.public_error, error=lane.error)
+            detail = lane.public_error or f"model {self.name!r} failed"
+            self._fail(self.queue.remove_all(), ModelUnavailable(detail))
 
     @staticmethod
     def _fail(tasks: list[SliceTask], exc: Exception | None) -> None:
@@ -291,19 +299,55 @@ class InferencePool:
     def queue_position(self, job_id: str) -> int | None:
         return self.queue.position(job_id)
 
+    def wait_position(self, job_id: str) -> int | None:
+        """The job's place in line until a worker takes its first slice; then None."""
+        return self.queue.wait_position(job_id)
+
     # -- batching ----------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    def _fill_delay(self) -> float:
+        """How long to wait for more slices before taking a batch that is not full: up to
+        ``max_batch_wait_ms`` after the oldest waiting slice arrived (Triton's queue delay),
+        so slices that waited for a busy worker do not wait again."""
+        queue = self.queue
+        if self.max_batch_wait_s <= 0 or len(queue) >= self.batch_size:
+            return 0.0
+        if self._max_frames is not None and queue.frames >= self._max_frames:
+            return 0.0
+        oldest = queue.oldest()
+        if oldest is None:
+            return 0.0
+        return max(0.0, oldest + self.max_batch_wait_s - time.monotonic())
+
+    @property
+    def _max_frames(self) -> int | None:
+        if not self.max_batch_audio_s:
+            return None
+        return int(self.max_batch_audio_s * self.sample_rate)
+
+    async def serve(self, lane: Lane) -> None:
+        """Feed ``lane`` batches until the pool drains (``supervisor.Host``)."""
+        queue = self.queue
         while not self._draining:
-            if not self.queue:
-                self.queue.changed.clear()
-                await self.queue.changed.wait()
+            if not queue:
+                queue.changed.clear()
+                await queue.changed.wait()
                 continue
-            batch = self.queue.take(self.batch_size)
-            self._inflight = batch
+            delay = self._fill_delay()
+            if delay > 0:
+                queue.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await queue.changed.wait()
+                continue
+            batch = queue.take(
+                self.batch_size, max_frames=self._max_frames, min_fill=MIN_FILL, ramp=True
+            )
+            lane.inflight = batch
+            self._busy += 1
             self._idle.clear()
             try:
-                await self._run_batch(batch)
+                await self._run_batch(lane, batch)
             except WorkerCrashed as exc:
                 await self._retry_or_fail(batch, exc)
                 raise
@@ -311,10 +355,12 @@ class InferencePool:
                 self._fail(batch, WorkerError("internal_error", "internal error in the batcher"))
                 raise exc
             finally:
-                self._inflight = []
-                self._idle.set()
+                lane.inflight = []
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
 
-    async def _run_batch(self, batch: list[SliceTask]) -> None:
+    async def _run_batch(self, lane: Lane, batch: list[SliceTask]) -> None:
         batch = [t for t in batch if not t.future.done()]
         if not batch:
             return
@@ -326,10 +372,10 @@ class InferencePool:
         # The lease is written while the model runs, not before: it is off the critical
         # path, and a result is still only committed under a lease that landed first.
         lease = asyncio.ensure_future(
-            self.store.lease_slices([t.key for t in batch], self.owner, LEASE_S)
+            self.store.lease_slices([t.key for t in batch], f"{self.owner}#{lane.index}", LEASE_S)
         )
         try:
-            results = await self._infer(batch)
+            results = await self._infer(lane, batch)
         except WorkerError as exc:
             await asyncio.wait({lease})  # a requeue must see the leases
             live = self._leased(batch, lease.result())
@@ -345,7 +391,7 @@ class InferencePool:
             self.stats.split_batches += 1
             log.warning("batch_failed_retrying_singly", model=self.name, size=len(live))
             for task in live:
-                await self._run_batch([task])
+                await self._run_batch(lane, [task])
             return
         except BaseException:
             lease.cancel()
@@ -371,11 +417,12 @@ class InferencePool:
                 task.future.set_result(None)
         return live
 
-    async def _infer(self, tasks: list[SliceTask]) -> list[dict[str, Any]]:
-        assert self.worker is not None
+    async def _infer(self, lane: Lane, tasks: list[SliceTask]) -> list[dict[str, Any]]:
+        worker = lane.worker
+        assert worker is not None
         started = time.perf_counter()
         # A batch holds one group (SliceQueue.take), so one set of options serves it.
-        results = await self.worker.transcribe(
+        results = await worker.transcribe(
             [(t.path, t.start_frame, t.num_frames) for t in tasks], dict(tasks[0].group)
         )
         busy = time.perf_counter() - started
@@ -383,6 +430,18 @@ class InferencePool:
         self.stats.busy_s += busy
         self.stats.audio_s += audio
         self.stats.slices_done += len(tasks)
+        lane.batches += 1
+        log.debug(
+            "batch",
+            model=self.name,
+            worker=lane.index,
+            pid=lane.pid,
+            slices=len(tasks),
+            jobs=len({t.job_id for t in tasks}),
+            audio_s=round(audio, 3),
+            padded_s=round(len(tasks) * max(t.num_frames for t in tasks) / self.sample_rate, 3),
+            busy_s=round(busy, 4),
+        )
         if self._on_batch is not None:
             self._on_batch(len(tasks), busy, audio)
         return results

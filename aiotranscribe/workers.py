@@ -173,7 +173,9 @@ class ThreadWorker:
         config: dict[str, Any] | None = None,
     ) -> None:
         from aiotranscribe.engine.nemo_engine import NemoEngine
+        from aiotranscribe.engine.worker import prepare_environment
 
+        prepare_environment()  # effective while nothing in this process has used CUDA yet
         self._engine = NemoEngine(spec, device, threads, config)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._model_lock = threading.Lock()

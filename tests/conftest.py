@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiohttp.test_utils import TestClient
 
 from aiotranscribe.app import create_app
@@ -19,6 +20,7 @@ from aiotranscribe.config import Settings
 from aiotranscribe.engine.nemo_engine import DEMO_MODEL
 from aiotranscribe.keys import pools_key
 from tests import speech
+from tests.redisserver import RedisServer
 
 MODEL = os.environ.get("AIOTRANSCRIBE_TEST_MODEL", str(DEMO_MODEL))
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,12 +29,17 @@ ARTIFACTS = ROOT / "test-artifacts"
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
 
+# Servers kept for the whole session on purpose (their pids); every other child is a leftover.
+SESSION_CHILDREN: set[int] = set()
+
+
 def child_processes() -> list[str]:
-    """Live children of this process (the multiprocessing resource tracker excepted)."""
+    """Live children of this process (the multiprocessing resource tracker and the session's
+    own servers excepted)."""
     me = str(os.getpid())
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) in SESSION_CHILDREN:
             continue
         try:
             stat = (entry / "stat").read_text()
@@ -77,6 +84,27 @@ def no_leftovers(tmp_path: Path) -> Iterator[None]:
     left = sorted(p.name for p in spool.iterdir()) if spool.exists() else []
     assert left == [], f"spool not empty after the test: {left}"
     assert child_processes() == [], "child processes left running"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (a session child the leftover check expects)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    assert server.proc is not None
+    pid = server.proc.pid
+    SESSION_CHILDREN.add(pid)
+    yield server
+    server.stop()
+    SESSION_CHILDREN.discard(pid)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's database 0, emptied for this test."""
+    url = redis_server.url(0)
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return url
 
 
 @pytest.fixture

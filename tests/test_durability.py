@@ -252,9 +252,9 @@ async def test_worker_killed_mid_batch_redoes_its_slices_once(make_client, long_
     resp = await client.post("/transcribe/async", data=form(path))
     job_id = (await resp.json())["job_id"]
     async with asyncio.timeout(60):
-        while pool.stats.batches < 2 or not pool._inflight:
+        while pool.stats.batches < 2 or not pool.inflight:
             await asyncio.sleep(0.005)
-    killed = [t.key for t in pool._inflight]
+    killed = [t.key for t in pool.inflight]
     assert pool.worker is not None and pool.worker.pid
     os.kill(pool.worker.pid, signal.SIGKILL)
     job = await asyncio.wait_for(client.app[service_key].wait_done(job_id), 180)

@@ -61,6 +61,8 @@ languages = ["EN", "de"]
         "decoder": None,
         "max_slice_s": 30.0,
         "languages": ["en", "de"],
+        "precision": None,
+        "fast_decoding": None,
     }
 
 

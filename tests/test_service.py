@@ -57,7 +57,7 @@ async def test_a_poisonous_slice_fails_only_its_own_job(tmp_path: Path, voices):
     for job_id in (good, bad):
         await store.create(Job(id=job_id, filename="x.wav", model="demo"), [])
         await store.add_slices(job_id, [(0, frames)], [])
-    pool = InferencePool("demo", lambda: ThreadWorker(MODEL, "cpu", 1), store, batch_size=8)
+    pool = InferencePool("demo", lambda _device: ThreadWorker(MODEL, "cpu", 1), store, batch_size=8)
     pool.start()
     try:
         async with asyncio.timeout(120):

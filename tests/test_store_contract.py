@@ -1,6 +1,7 @@
-"""The JobStore contract, written once and run against every store (memory, SQLite).
+"""The JobStore contract, written once and run against every store (memory, SQLite, Redis).
 
-A new store (Redis) joins by adding a fixture param; every rule here must hold for it too.
+A new store joins by adding a fixture param; every rule here must hold for it too. The Redis
+store runs against a real redis-server (the session's, its database emptied per test).
 """
 
 from __future__ import annotations
@@ -15,19 +16,23 @@ import pytest
 from aiotranscribe.jobs import CANCELLED, COMPLETED, FAILED, Job
 from aiotranscribe.store import JobStore, MemoryStore, SqliteStore
 from aiotranscribe.store.base import JobQuery
+from aiotranscribe.store.redis import RedisStore
 
-STORES = ["memory", "sqlite"]
+STORES = ["memory", "sqlite", "redis"]
 
 
-def build(kind: str, tmp_path: Path, ttl_s: float = 3600.0) -> JobStore:
+def build(kind: str, tmp_path: Path, ttl_s: float = 3600.0, url: str = "") -> JobStore:
     if kind == "memory":
         return MemoryStore(ttl_s=ttl_s)
+    if kind == "redis":
+        return RedisStore(url, ttl_s=ttl_s)
     return SqliteStore(tmp_path / "data" / "jobs.sqlite3", ttl_s=ttl_s)
 
 
 @pytest.fixture(params=STORES)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    s = build(request.param, tmp_path)
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    s = build(request.param, tmp_path, url=url)
     await s.open()
     yield s
     await s.close()

@@ -28,6 +28,10 @@ async def health(request: web.Request) -> web.StreamResponse:
                     "device": pool.info.get("device"),
                     "capabilities": service.capabilities(pool.name),
                     "queued_slices": pool.queued,
+                    "workers": [
+                        {"worker": lane.index, "device": lane.device, "state": lane.state}
+                        for lane in pool.lanes
+                    ],
                 }
                 for pool in pools.values()
             ],

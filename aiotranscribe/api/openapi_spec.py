@@ -226,10 +226,15 @@ def event(type_: str, description: str, **fields: Schema) -> Schema:
 EVENTS: dict[str, Schema] = {
     "StatusEvent": event(
         "status",
-        "The job moved to a new status or stage.",
+        "The job moved to a new status or stage, or its place in the model's line changed.",
         status={"type": "string", "enum": STATUSES},
         stage={"type": "string", "enum": STAGES},
-        queue_position=nullable(INT),
+        queue_position={
+            **nullable(INT),
+            "description": "Place in the model's line while none of the job's audio is being "
+            "transcribed yet (1: next); null before it joins and once a worker has its first "
+            "slice",
+        },
     ),
     "ProgressEvent": event(
         "progress",
@@ -288,11 +293,26 @@ SCHEMAS: dict[str, Schema] = {
             "type": "array",
             "items": obj(
                 name=STR,
-                state={"type": "string", "enum": ["loading", "ready", "failed", "stopped"]},
+                state={
+                    "type": "string",
+                    "enum": ["loading", "ready", "restarting", "failed", "stopped"],
+                },
                 error=nullable(STR),
                 device=nullable(STR),
                 capabilities=nullable(ref("Capabilities")),
                 queued_slices=INT,
+                workers={
+                    "type": "array",
+                    "description": "One per worker process (--workers, --device list)",
+                    "items": obj(
+                        worker=INT,
+                        device=STR,
+                        state={
+                            "type": "string",
+                            "enum": ["loading", "ready", "restarting", "failed", "stopped"],
+                        },
+                    ),
+                },
             ),
         },
     ),

@@ -83,10 +83,31 @@ def word_confidence(hyp: Any) -> list[float] | None:
     return out
 
 
-def enable_confidence(model: Any, decoder_type: str | None = None) -> None:
+def fast_greedy(cfg: Any) -> bool:
+    """Make a transducer's decoding config NeMo's fastest greedy decoder: batched greedy
+    with label looping (one joint call per emitted label instead of per frame) and CUDA
+    graphs (the decoding loop replayed as one graph on a GPU; NeMo skips them on CPU).
+    Same hypotheses as plain greedy. Beam search is left as configured: returns False."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        if cfg.get("strategy", "greedy_batch") not in ("greedy", "greedy_batch"):
+            return False
+        cfg.strategy = "greedy_batch"
+        if cfg.get("greedy") is None:
+            cfg.greedy = {"max_symbols": 10}
+        cfg.greedy.loop_labels = True
+        cfg.greedy.use_cuda_graph_decoder = True
+    return True
+
+
+def enable_confidence(model: Any, decoder_type: str | None = None, fast: bool = False) -> bool:
     """Greedy decoding that keeps per-token (and, for subword models, per-word) confidence:
     NeMo's default method, a Tsallis entropy (alpha 1/3, exponentially normalised) of each
-    frame's distribution, blank frames excluded, the minimum over a word's tokens."""
+    frame's distribution, blank frames excluded, the minimum over a word's tokens.
+
+    ``fast`` (transducer decoding only): NeMo's fast greedy decoder too (``fast_greedy``);
+    returns whether it applied."""
     from omegaconf import open_dict
 
     cfg = model.cfg.aux_ctc.decoding if decoder_type == "ctc" else model.cfg.decoding
@@ -100,10 +121,12 @@ def enable_confidence(model: Any, decoder_type: str | None = None) -> None:
             "exclude_blank": True,
             "aggregation": "min",
         }
+    fast = fast and fast_greedy(cfg)
     if decoder_type is None:
         model.change_decoding_strategy(cfg, verbose=False)
     else:
         model.change_decoding_strategy(cfg, decoder_type=decoder_type, verbose=False)
+    return fast
 
 
 def _is_tdt(cfg: Any) -> bool:
@@ -120,13 +143,17 @@ class Family:
     word_timestamps = True
     word_confidence = True
     max_slice_s: float | None = None
+    fast_decoding = False
+    """Whether NeMo's fast greedy transducer decoder is in use (``fast_greedy``)."""
 
     def __init__(self, model: Any, config: dict[str, Any]) -> None:
         self.model = model
         self.config = config
         self.sample_rate = int(model.cfg.get("sample_rate", 16000))
-        if type(self) in (Family, Transducer):
+        if type(self) is Family:
             enable_confidence(model)
+        elif type(self) is Transducer:
+            self.fast_decoding = enable_confidence(model, fast=bool(config.get("fast_decoding")))
 
     def languages(self) -> list[str] | None:
         """ISO 639-1 codes the model takes, or None when nobody says (``language`` is then
@@ -183,7 +210,8 @@ class Hybrid(Transducer):
         wanted = config.get("decoder") or self.head
         if wanted not in ("ctc", "tdt", "rnnt"):
             raise ValueError(f"decoder {wanted!r}: choose tdt or ctc")
-        enable_confidence(model, "ctc" if wanted == "ctc" else "rnnt")
+        fast = bool(config.get("fast_decoding")) and wanted != "ctc"
+        self.fast_decoding = enable_confidence(model, "ctc" if wanted == "ctc" else "rnnt", fast)
         self._decoder = "ctc" if wanted == "ctc" else self.head
 
     def decoder(self) -> str | None:

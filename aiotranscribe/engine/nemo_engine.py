@@ -6,7 +6,9 @@ train/eval and dither on shared modules), so callers keep one call in flight per
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 import wave
@@ -47,6 +49,29 @@ def resolve_device(device: str) -> str:
             "device_unavailable", f"device {device!r} requested but CUDA is not available here"
         )
     return device
+
+
+def autocast_dtype(
+    precision: str | None, device: str, bf16_supported: bool | None = None
+) -> Any | None:
+    """The dtype inference autocasts to on ``device`` (``torch.bfloat16``/``float16``), or
+    None for fp32: always on CPU (autocast there is slower than fp32 for these models), and
+    bf16 becomes fp16 on a GPU without bf16 (before Ampere)."""
+    if precision in (None, "fp32") or not device.startswith("cuda"):
+        return None
+    import torch
+
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_supported else torch.float16
+    raise ValueError(f"precision {precision!r}: choose fp32, bf16 or fp16")
+
+
+def precision_name(dtype: Any | None) -> str:
+    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), "fp32")
 
 
 def _load_model(spec: str, device: str) -> Any:
@@ -104,6 +129,8 @@ class NemoEngine:
         self.model: Any = None
         self.family: Family | None = None
         self.info: dict[str, Any] = {}
+        self.autocast: Any | None = None
+        """The dtype calls autocast to on CUDA (``--precision``); None: fp32."""
 
     def load(self) -> dict[str, Any]:
         """Load the model and prove it transcribes; returns plain facts about it (name,
@@ -123,7 +150,17 @@ class NemoEngine:
             raise ModelLoadError("unsupported_model", str(exc)) from exc
         self.model, self.family = model, family
         self.sample_rate = family.sample_rate
-        self._self_check()
+        self.autocast = autocast_dtype(self.config.get("precision"), device)
+        fallback = None
+        if self.autocast is not None:
+            try:
+                self._self_check()
+            except ModelLoadError as exc:
+                # Where a model does not run in half precision, it runs in fp32.
+                fallback = str(exc.__cause__ or exc)
+                self.autocast = None
+        if self.autocast is None:
+            self._self_check()
         self.info = {
             "name": self.config.get("name") or self.spec,
             "spec": self.spec,
@@ -131,8 +168,14 @@ class NemoEngine:
             "sample_rate": self.sample_rate,
             "class": type(model).__name__,
             "capabilities": family.capabilities(),
+            "precision": precision_name(self.autocast),
+            "fast_decoding": family.fast_decoding,
+            "cuda_alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")
+            or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "load_s": round(time.perf_counter() - started, 3),
         }
+        if fallback is not None:
+            self.info["precision_fallback"] = fallback
         return self.info
 
     def _self_check(self) -> None:
@@ -161,7 +204,12 @@ class NemoEngine:
             featurizer.dither = 0.0
         import torch
 
-        with torch.inference_mode():
+        autocast = (
+            torch.autocast("cuda", dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
             return self.family.transcribe(audio, options)
 
     def transcribe(

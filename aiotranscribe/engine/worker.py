@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import MutableMapping
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -29,6 +30,20 @@ def handle(engine: NemoEngine, op: str, payload: Any) -> tuple[Any, ...]:
         return ("error", "inference_failed", f"{type(exc).__name__}: {exc}")
 
 
+# CUDA's caching allocator grows segments instead of reserving new fixed-size ones: batches
+# of varying length fragment memory far less, so long batches fit where they would not.
+# Read once, when CUDA is first used: it must be in the environment before that.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def prepare_environment(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Environment a model process wants, unless the operator set it: call before torch
+    uses CUDA (a worker process does, before importing torch)."""
+    environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "PYTORCH_ALLOC_CONF" not in environ:  # torch >= 2.9 reads either; never set both
+        environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+
+
 def main(
     conn: Connection,
     spec: str,
@@ -38,7 +53,7 @@ def main(
 ) -> None:
     # Ctrl-C in a terminal goes to the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prepare_environment()
     engine = NemoEngine(spec, device, threads, config)
     while True:
         try:

@@ -1,0 +1,744 @@
+"""A store in Redis (``--store redis://host:port/db``), through redis-py's asyncio client.
+
+Every write is one Lua script, so it is atomic on the server: an event and the record change
+it reports, a slice's result and its commit check, the terminal event and the terminal status.
+Keys (per job, all under the hash tag ``{id}``; then the indexes listing needs):
+
+=====================  ===========  =========================================================
+``job:{id}``           hash         the Job record, one field per attribute (JSON values)
+``ev:{id}``            stream       the events, stream ids ``<seq>-0`` (``?after=SEQ`` maps
+                                    onto ``XRANGE``/``XREAD`` one to one)
+``sl:{id}``            hash         slices: ``p<i>`` (start frames), ``s<i>`` state, ``e<i>``
+                                    epoch, ``a<i>`` attempts, ``o<i>``/``u<i>`` lease holder
+``res:{id}``           hash         slice index -> result JSON; ``HSETNX`` gates the commit
+``ops:{id}``           hash         replies of recent writes by token (see below), 10 min TTL
+``jobs:order``         sorted set   ``created_at id`` of every job (lexical order)
+``jobs:tenant:<t>``    sorted set   the same, one tenant's
+``jobs:live``          set          ids of jobs not ended
+``jobs:ended``         sorted set   ids of ended jobs by ``finished_at`` (retention)
+``jobs:hooks``         set          ids whose webhook is still to be delivered
+=====================  ===========  =========================================================
+
+Retries: redis-py resends a command whose connection broke (Redis restarting, a network
+blip), even when the first one ran and only its reply was lost. Writes that are not
+idempotent (events, commits, create) therefore carry a token; a resent script finds its
+first reply under the token and returns it instead of running twice.
+
+Durability is Redis's: with ``appendonly yes`` and ``appendfsync always`` an acknowledged
+write survives ``kill -9`` of redis-server; with ``everysec`` about the last second may be
+lost on an OS crash. With replicas, a new job is acknowledged after ``WAIT 1`` (bounded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import fields
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlsplit
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ResponseError
+
+from aiotranscribe.jobs import TERMINAL, WEBHOOK_PENDING, Job
+from aiotranscribe.store.base import (
+    EventSpec,
+    JobQuery,
+    JobStore,
+    SliceKey,
+    SliceRecord,
+    StoreClosed,
+    make_event,
+)
+
+log = structlog.get_logger(__name__)
+
+SCHEMES = ("redis", "rediss", "unix")
+# Query parameters redis-py reads from a URL (others would reach the connection as unknown
+# keyword arguments and fail at the first command, far from the flag that set them).
+URL_OPTIONS = frozenset(
+    {
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "max_connections",
+        "health_check_interval",
+        "ssl_check_hostname",
+        "timeout",
+        "protocol",
+    }
+)
+# Every caller gets a connection from one bounded pool and waits for a free one (the default
+# pool raises MaxConnectionsError past its size instead: measured at 200 concurrent scripts).
+MAX_CONNECTIONS = 64
+POOL_WAIT_S = 20.0
+SOCKET_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 5.0
+# A broken connection is retried with backoff for a few seconds (a restarting Redis).
+RETRIES = 10
+# How long a write's reply is kept for a resend of it (far longer than the retries take).
+OPS_TTL_S = 600
+# With replicas attached, a new job is acknowledged once one has it (or after this long).
+WAIT_REPLICA_MS = 100
+MIN_VERSION = (6, 2)
+# Most jobs read per round trip when paging through an index.
+PAGE = 100
+
+JOB_FIELDS = frozenset(f.name for f in fields(Job))
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is a Redis URL this store can open."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"expected redis://host:port/db, rediss://... or unix://...: {url!r}")
+    if parts.scheme != "unix" and parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        raise ValueError(f"the database must be a number (redis://host:port/0): {parts.path!r}")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("unix:// needs the socket's path (unix:///run/redis.sock?db=0)")
+    unknown = sorted({k for k, _ in parse_qsl(parts.query)} - URL_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown Redis URL options {unknown} (known: {sorted(URL_OPTIONS)})")
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _keys(job_id: str) -> dict[str, str]:
+    tag = "{" + job_id + "}"
+    return {name: f"{name}:{tag}" for name in ("job", "ev", "sl", "res", "ops")}  # one slot per job
+
+
+ORDER, LIVE, ENDED, HOOKS = "jobs:order", "jobs:live", "jobs:ended", "jobs:hooks"
+
+
+def _tenant_key(tenant: str | None) -> str:
+    return "jobs:tenant:" + (tenant or "")
+
+
+def _member(created_at: str, job_id: str) -> str:
+    """A job's place in the (created_at, id) order, as a lexically sorted member."""
+    return f"{created_at} {job_id}"
+
+
+def _changes(changes: dict[str, Any]) -> list[str]:
+    """``changes`` as (count, name, JSON...) script arguments; unknown fields raise like
+    ``apply_changes`` does."""
+    for name in changes:
+        if name not in JOB_FIELDS:
+            raise AttributeError(f"a job has no field {name!r}")
+    flat = [str(len(changes))]
+    for name, value in changes.items():
+        flat += [name, _dumps(value)]
+    return flat
+
+
+def _token() -> str:
+    return os.urandom(8).hex()
+
+
+def _webhook_pending(state: dict[str, Any] | None) -> bool:
+    return state is not None and state.get("state") == WEBHOOK_PENDING
+
+
+def _job(flat: dict[str, str] | list[str] | None) -> Job | None:
+    if not flat:
+        return None
+    if isinstance(flat, list):
+        flat = dict(zip(flat[::2], flat[1::2], strict=True))
+    return Job.from_dict({k: json.loads(v) for k, v in flat.items() if not k.startswith("_")})
+
+
+# -- scripts -------------------------------------------------------------------------------------
+# Every script has the job's record at KEYS[1]; those taking a token have ``ops:{id}`` at
+# KEYS[3] and the token at ARGV[1]. Lua sees record values as their JSON text.
+
+PRELUDE = f"""
+local TERMINAL = {{{", ".join(f"['{_dumps(s)}']=true" for s in sorted(TERMINAL))}}}
+local function replayed()
+  if ARGV[1] == '' then return false end
+  return redis.call('HGET', KEYS[3], ARGV[1])
+end
+local function remember(reply)
+  if ARGV[1] ~= '' then
+    redis.call('HSET', KEYS[3], ARGV[1], reply)
+    redis.call('EXPIRE', KEYS[3], {OPS_TTL_S})
+  end
+  return reply
+end
+local function live()
+  local status = redis.call('HGET', KEYS[1], 'status')
+  return status and not TERMINAL[status]
+end
+-- ARGV[i]: a count, then (name, JSON) pairs written to the record. Returns the next index.
+local function apply(i)
+  local n = tonumber(ARGV[i])
+  for k = 0, n - 1 do
+    redis.call('HSET', KEYS[1], ARGV[i + 1 + 2 * k], ARGV[i + 2 + 2 * k])
+  end
+  return i + 1 + 2 * n
+end
+-- ARGV[i]: a count, then (type, ts, fields) triples appended to KEYS[2] as <seq>-0.
+-- Returns the first seq and the next index.
+local function append(i)
+  local n = tonumber(ARGV[i])
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+  local first = seq + 1
+  for k = 0, n - 1 do
+    seq = seq + 1
+    local j = i + 1 + 3 * k
+    redis.call('XADD', KEYS[2], tostring(seq) .. '-0',
+      't', ARGV[j], 'ts', ARGV[j + 1], 'f', ARGV[j + 2])
+  end
+  if n > 0 then redis.call('HSET', KEYS[1], 'last_seq', tostring(seq)) end
+  return first, i + 1 + 3 * n
+end
+"""
+
+# KEYS: job ev ops order tenant live hooks; ARGV: token id member live hook changes events
+CREATE = (
+    PRELUDE
+    + """
+local prev = replayed()
+if prev then return prev end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.error_reply('job ' .. ARGV[2] .. ' exists')
+end
+local i = apply(6)
+redis.call('HSET', KEYS[1], '_order', ARGV[3], '_tenant', KEYS[5])
+redis.call('ZADD', KEYS[4], 0, ARGV[3])
+redis.call('ZADD', KEYS[5], 0, ARGV[3])
+if ARGV[4] == '1' then redis.call('SADD', KEYS[6], ARGV[2]) end
+if ARGV[5] == '1' then redis.call('SADD', KEYS[7], ARGV[2]) end
+local first = append(i)
+return remember(tostring(first))
+"""
+)
+
+# KEYS: job ev ops live ended sl res; ARGV: token id finished_at changes events slices
+# (slices: -1 for none, else a count and (start, frames) pairs replacing the job's slices).
+# Returns the first event's seq, or '' when the job has ended or is unknown.
+UPDATE = (
+    PRELUDE
+    + """
+local prev = replayed()
+if prev then return prev end
+if not live() then return '' end
+local i = apply(4)
+local first
+first, i = append(i)
+local n = tonumber(ARGV[i])
+if n >= 0 then
+  redis.call('DEL', KEYS[6], KEYS[7])
+  redis.call('HSET', KEYS[6], 'n', n)
+  for k = 0, n - 1 do
+    local s = tostring(k)
+    redis.call('HSET', KEYS[6], 'p' .. s, ARGV[i + 1 + 2 * k] .. ' ' .. ARGV[i + 2 + 2 * k],
+      's' .. s, 'queued', 'e' .. s, 0, 'a' .. s, 0)
+  end
+end
+if ARGV[3] ~= '' then
+  redis.call('SREM', KEYS[4], ARGV[2])
+  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[2])
+end
+return remember(tostring(first))
+"""
+)
+
+# KEYS: job hooks; ARGV: mode id [hook] changes. The record afterwards, or nil.
+SET_FIELDS = (
+    PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[1] == 'status' then
+  if not live() then return false end
+  apply(3)
+elseif ARGV[1] == 'cancel' then
+  if live() then apply(3) end
+else
+  apply(4)
+  if ARGV[3] == '1' then redis.call('SADD', KEYS[2], ARGV[2])
+  else redis.call('SREM', KEYS[2], ARGV[2]) end
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS: job sl; ARGV: owner until idx... Per slice its epoch, or -1 when not leased.
+LEASE = (
+    PRELUDE
+    + """
+local ok = live()
+local out = {}
+for k = 3, #ARGV do
+  local i = ARGV[k]
+  local state = redis.call('HGET', KEYS[2], 's' .. i)
+  if ok and state and state ~= 'done' then
+    redis.call('HSET', KEYS[2], 's' .. i, 'leased', 'o' .. i, ARGV[1], 'u' .. i, ARGV[2])
+    redis.call('HINCRBY', KEYS[2], 'a' .. i, 1)
+    out[#out + 1] = tonumber(redis.call('HGET', KEYS[2], 'e' .. i))
+  else
+    out[#out + 1] = -1
+  end
+end
+return out
+"""
+)
+
+# KEYS: job sl; ARGV: idx... (none: every leased slice). Leased slices go back, epoch + 1.
+REQUEUE = """
+local function requeue(i)
+  if redis.call('HGET', KEYS[2], 's' .. i) ~= 'leased' then return 0 end
+  redis.call('HSET', KEYS[2], 's' .. i, 'queued')
+  redis.call('HINCRBY', KEYS[2], 'e' .. i, 1)
+  redis.call('HDEL', KEYS[2], 'o' .. i, 'u' .. i)
+  return 1
+end
+local count = 0
+if #ARGV == 0 then
+  for k = 0, tonumber(redis.call('HGET', KEYS[2], 'n') or '0') - 1 do
+    count = count + requeue(tostring(k))
+  end
+else
+  for k = 1, #ARGV do count = count + requeue(ARGV[k]) end
+end
+return count
+"""
+
+# KEYS: job ev ops sl res; ARGV: token (idx epoch result)... A '1' or '0' per result:
+# accepted only from the current lease of a live job, and only once (HSETNX on the result).
+COMMIT = (
+    PRELUDE
+    + """
+local prev = replayed()
+if prev then return prev end
+local ok = live()
+local out = {}
+for k = 2, #ARGV, 3 do
+  local i = ARGV[k]
+  if ok and redis.call('HGET', KEYS[4], 's' .. i) == 'leased'
+      and redis.call('HGET', KEYS[4], 'e' .. i) == ARGV[k + 1]
+      and redis.call('HSETNX', KEYS[5], i, ARGV[k + 2]) == 1 then
+    redis.call('HSET', KEYS[4], 's' .. i, 'done')
+    redis.call('HDEL', KEYS[4], 'o' .. i, 'u' .. i)
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = '0'
+  end
+end
+return remember(table.concat(out))
+"""
+)
+
+# KEYS: job ev sl res ops order tenant live ended hooks; ARGV: id keep_hooked. 1 if deleted.
+DELETE = """
+local member = redis.call('HGET', KEYS[1], '_order')
+if not member then return 0 end
+if ARGV[2] == '1' and redis.call('SISMEMBER', KEYS[10], ARGV[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[6], member)
+redis.call('ZREM', KEYS[7], member)
+redis.call('SREM', KEYS[8], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
+redis.call('SREM', KEYS[10], ARGV[1])
+return 1
+"""
+
+
+class RedisStore(JobStore):
+    name = "redis"
+
+    def __init__(self, url: str, ttl_s: float = 3600.0) -> None:
+        super().__init__(ttl_s)
+        check_url(url)
+        self.url = url
+        self._redis: aioredis.Redis | None = None
+        self._replicas = 0
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_WAIT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            decode_responses=True,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), RETRIES),
+        )
+        client = aioredis.Redis(connection_pool=pool, auto_close_connection_pool=True)
+        try:
+            info = await client.info()
+        except Exception:
+            await client.aclose()
+            raise
+        version = tuple(int(x) for x in str(info.get("redis_version", "0.0")).split(".")[:2])
+        if version < MIN_VERSION:
+            await client.aclose()
+            raise RuntimeError(f"{redacted(self.url)}: Redis {version} is older than 6.2")
+        self._replicas = int(info.get("connected_slaves", 0))
+        self._redis = client
+        self.notifier.closed = False
+        self._create = client.register_script(CREATE)
+        self._update = client.register_script(UPDATE)
+        self._set_fields = client.register_script(SET_FIELDS)
+        self._lease = client.register_script(LEASE)
+        self._requeue = client.register_script(REQUEUE)
+        self._commit = client.register_script(COMMIT)
+        self._delete = client.register_script(DELETE)
+        await self._warn_if_not_durable(client)
+        log.info("redis_store_open", url=redacted(self.url), version=info.get("redis_version"))
+
+    async def _warn_if_not_durable(self, client: aioredis.Redis) -> None:
+        """Jobs outlive a Redis restart only with persistence, and survive memory pressure
+        only without eviction: say so when the server is set up otherwise."""
+        try:
+            config = await client.config_get("appendonly")
+            config.update(await client.config_get("maxmemory-policy"))
+        except ResponseError:  # CONFIG disabled (managed Redis): nothing to check
+            return
+        if config.get("appendonly") != "yes":
+            log.warning("redis_without_aof", hint="appendonly yes, appendfsync always|everysec")
+        if config.get("maxmemory-policy", "noeviction") != "noeviction":
+            log.warning("redis_evicts_keys", policy=config["maxmemory-policy"])
+
+    async def close(self) -> None:
+        self.notifier.close()
+        client, self._redis = self._redis, None
+        if client is not None:
+            await client.aclose()
+
+    @property
+    def _r(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise StoreClosed("the job store is closed")
+        return self._redis
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    # redis-py types replies as bytes | str whatever decode_responses says: these few helpers
+    # say what this client (decode_responses=True) gets.
+
+    async def _set_members(self, key: str) -> list[str]:
+        return cast(list[str], list(await self._r.smembers(key)))
+
+    async def _lex_desc(self, key: str, high: str, low: str, count: int | None) -> list[str]:
+        """Members from ``high`` down to ``low`` (ZREVRANGEBYLEX), at most ``count``."""
+        limit = (0, count) if count is not None else ()
+        return cast(list[str], await self._r.zrevrangebylex(key, high, low, *limit))
+
+    async def get(self, job_id: str) -> Job | None:
+        return _job(cast(dict[str, str], await self._r.hgetall(_keys(job_id)["job"])))
+
+    async def _load(self, ids: list[str]) -> list[Job]:
+        """The records of ``ids`` that still exist, in that order."""
+        if not ids:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(_keys(job_id)["job"])
+            rows = await pipe.execute()
+        return [job for job in map(_job, rows) if job is not None]
+
+    async def list_jobs(self, *, active: bool = False, limit: int | None = None) -> list[Job]:
+        if active:
+            jobs = await self._load(await self._set_members(LIVE))
+            jobs.sort(key=lambda j: j.created_at, reverse=True)
+            return jobs[:limit]
+        members = await self._lex_desc(ORDER, "+", "-", limit)
+        return await self._load([m.rsplit(" ", 1)[1] for m in members])
+
+    async def page_jobs(self, query: JobQuery) -> list[Job]:
+        key = _tenant_key(query.tenant)
+        high = "+" if query.before is None else "(" + _member(*query.before)
+        low = "-" if query.since is None else "[" + query.since
+        found: list[Job] = []
+        while len(found) < query.limit:
+            members = await self._lex_desc(key, high, low, max(query.limit, PAGE))
+            if not members:
+                break
+            jobs = await self._load([m.rsplit(" ", 1)[1] for m in members])
+            found += [j for j in jobs if query.matches(j)]
+            high = "(" + members[-1]
+        return found[: query.limit]
+
+    async def events_after(
+        self, job_id: str, seq: int, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        entries = cast(
+            list[tuple[str, dict[str, str]]],
+            await self._r.xrange(_keys(job_id)["ev"], f"{max(seq, 0) + 1}-0", "+", count=limit),
+        )
+        return [
+            {
+                "type": entry["t"],
+                "job_id": job_id,
+                "seq": int(entry_id.split("-", 1)[0]),
+                "ts": entry["ts"],
+                **json.loads(entry["f"]),
+            }
+            for entry_id, entry in entries
+        ]
+
+    async def slices(self, job_id: str) -> list[SliceRecord]:
+        keys = _keys(job_id)
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys["sl"])
+            pipe.hgetall(keys["res"])
+            raw, results = await pipe.execute()
+        records = []
+        for idx in range(int(raw.get("n", 0))):
+            i = str(idx)
+            start, frames = raw["p" + i].split()
+            until = raw.get("u" + i)
+            records.append(
+                SliceRecord(
+                    job_id=job_id,
+                    idx=idx,
+                    start_frame=int(start),
+                    num_frames=int(frames),
+                    state=raw["s" + i],
+                    epoch=int(raw["e" + i]),
+                    lease_owner=raw.get("o" + i),
+                    lease_until=float(until) if until is not None else None,
+                    attempts=int(raw["a" + i]),
+                    result=json.loads(results[i]) if i in results else None,
+                )
+            )
+        return records
+
+    async def live_ids(self) -> set[str]:
+        return set(await self._set_members(LIVE))
+
+    async def pending_webhooks(self) -> list[Job]:
+        jobs = await self._load(await self._set_members(HOOKS))
+        ended = [j for j in jobs if j.terminal and j.webhook_pending]
+        return sorted(ended, key=lambda j: j.finished_at or 0.0)
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    async def create(self, job: Job, events: list[EventSpec]) -> list[dict[str, Any]]:
+        keys = _keys(job.id)
+        record = job.to_dict()
+        member = _member(job.created_at, job.id)
+        stored = [make_event(job.id, 0, type_, fields) for type_, fields in events]
+        try:
+            first = await self._create(
+                [keys["job"], keys["ev"], keys["ops"], ORDER, _tenant_key(job.tenant), LIVE, HOOKS],
+                [
+                    _token(),
+                    job.id,
+                    member,
+                    "0" if job.terminal else "1",
+                    "1" if job.webhook_pending else "0",
+                    *_changes(record),
+                    *self._event_args(stored),
+                ],
+            )
+        except ResponseError as exc:
+            raise ValueError(str(exc)) from None
+        if self._replicas:
+            # Acknowledge the job once a replica has it too (bounded: never hang a submit).
+            await self._r.execute_command("WAIT", 1, WAIT_REPLICA_MS)
+        return self._numbered(stored, int(first))
+
+    @staticmethod
+    def _event_args(events: list[dict[str, Any]]) -> list[str]:
+        flat = [str(len(events))]
+        for event in events:
+            body = {k: v for k, v in event.items() if k not in ("type", "job_id", "seq", "ts")}
+            flat += [event["type"], event["ts"], _dumps(body)]
+        return flat
+
+    @staticmethod
+    def _numbered(events: list[dict[str, Any]], first: int) -> list[dict[str, Any]]:
+        for offset, event in enumerate(events):
+            event["seq"] = first + offset
+        return events
+
+    async def _update_live(
+        self,
+        job_id: str,
+        events: list[EventSpec],
+        changes: dict[str, Any],
+        *,
+        finished_at: float | None = None,
+        slices: list[tuple[int, int]] | None = None,
+    ) -> list[dict[str, Any]]:
+        keys = _keys(job_id)
+        stored = [make_event(job_id, 0, type_, fields) for type_, fields in events]
+        slice_args = ["-1"]
+        if slices is not None:
+            slice_args = [str(len(slices))]
+            for start, frames in slices:
+                slice_args += [str(int(start)), str(int(frames))]
+        first = await self._update(
+            [keys["job"], keys["ev"], keys["ops"], LIVE, ENDED, keys["sl"], keys["res"]],
+            [
+                _token(),
+                job_id,
+                repr(finished_at) if finished_at is not None else "",
+                *_changes(changes),
+                *self._event_args(stored),
+                *slice_args,
+            ],
+        )
+        if first == "":
+            return []
+        self.notifier.notify(job_id)
+        return self._numbered(stored, int(first))
+
+    async def append_events(
+        self, job_id: str, events: list[EventSpec], **changes: Any
+    ) -> list[dict[str, Any]]:
+        return await self._update_live(job_id, events, changes)
+
+    async def finish(
+        self, job_id: str, status: str, fields: dict[str, Any], **changes: Any
+    ) -> dict[str, Any] | None:
+        assert status in TERMINAL
+        now = time.time()
+        changes = {**changes, "status": status, "finished_at": now}
+        events = await self._update_live(job_id, [(status, fields)], changes, finished_at=now)
+        return events[0] if events else None
+
+    async def add_slices(
+        self,
+        job_id: str,
+        slices: list[tuple[int, int]],
+        events: list[EventSpec],
+        **changes: Any,
+    ) -> list[dict[str, Any]]:
+        return await self._update_live(job_id, events, changes, slices=slices)
+
+    async def _set(
+        self, mode: str, job_id: str, changes: dict[str, Any], hook: bool = False
+    ) -> Job | None:
+        args = [mode, job_id, *(["1" if hook else "0"] if mode == "webhook" else [])]
+        flat = await self._set_fields([_keys(job_id)["job"], HOOKS], [*args, *_changes(changes)])
+        return _job(flat)
+
+    async def set_status(self, job_id: str, **changes: Any) -> Job | None:
+        return await self._set("status", job_id, changes)
+
+    async def request_cancel(self, job_id: str, reason: str) -> Job | None:
+        return await self._set(
+            "cancel", job_id, {"cancel_requested": True, "cancel_reason": reason}
+        )
+
+    async def set_webhook(self, job_id: str, state: dict[str, Any]) -> Job | None:
+        return await self._set("webhook", job_id, {"webhook": state}, _webhook_pending(state))
+
+    # -- slices ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _by_job(keys: list[SliceKey]) -> dict[str, list[int]]:
+        grouped: dict[str, list[int]] = {}
+        for job_id, idx in keys:
+            grouped.setdefault(job_id, []).append(idx)
+        return grouped
+
+    async def lease_slices(
+        self, keys: list[SliceKey], owner: str, lease_s: float
+    ) -> dict[SliceKey, int]:
+        # One script per job, concurrently (not a pipeline: a script call on its own reloads
+        # the script when a restarted Redis has forgotten it).
+        grouped = self._by_job(keys)
+        until = repr(time.time() + lease_s)
+        replies = await asyncio.gather(
+            *(
+                self._lease(self._slice_keys(job_id), [owner, until, *map(str, idxs)])
+                for job_id, idxs in grouped.items()
+            )
+        )
+        leased = {}
+        for (job_id, idxs), epochs in zip(grouped.items(), replies, strict=True):
+            for idx, epoch in zip(idxs, epochs, strict=True):
+                if epoch >= 0:
+                    leased[(job_id, idx)] = int(epoch)
+        return leased
+
+    async def requeue_slices(self, keys: list[SliceKey]) -> None:
+        await asyncio.gather(
+            *(
+                self._requeue(self._slice_keys(job_id), list(map(str, idxs)))
+                for job_id, idxs in self._by_job(keys).items()
+            )
+        )
+
+    async def commit_slices(self, items: list[tuple[str, int, int, dict[str, Any]]]) -> list[bool]:
+        grouped: dict[str, list[int]] = {}
+        for position, (job_id, *_) in enumerate(items):
+            grouped.setdefault(job_id, []).append(position)
+
+        async def commit(job_id: str, positions: list[int]) -> str:
+            k = _keys(job_id)
+            args = [_token()]
+            for position in positions:
+                _, idx, epoch, result = items[position]
+                args += [str(idx), str(epoch), _dumps(result)]
+            reply: str = await self._commit([k["job"], k["ev"], k["ops"], k["sl"], k["res"]], args)
+            return reply
+
+        replies = await asyncio.gather(*(commit(j, ps) for j, ps in grouped.items()))
+        accepted = [False] * len(items)
+        for positions, flags in zip(grouped.values(), replies, strict=True):
+            for position, flag in zip(positions, flags, strict=True):
+                accepted[position] = flag == "1"
+        return accepted
+
+    @staticmethod
+    def _slice_keys(job_id: str) -> list[str]:
+        k = _keys(job_id)
+        return [k["job"], k["sl"]]
+
+    # -- start-up and retention ------------------------------------------------------------------
+
+    async def recover(self) -> list[Job]:
+        ids = await self._set_members(LIVE)
+        requeued = 0
+        for job_id in ids:
+            requeued += int(await self._requeue(self._slice_keys(job_id), []))
+        if requeued:
+            log.info("redis_leases_requeued", slices=requeued)
+        jobs = await self._load(ids)
+        return sorted((j for j in jobs if not j.terminal), key=lambda j: j.created_at)
+
+    async def _delete_one(self, job_id: str, keep_hooked: bool) -> bool:
+        k = _keys(job_id)
+        tenant_key = await self._r.hget(k["job"], "_tenant")
+        if tenant_key is None:
+            return False
+        deleted = await self._delete(
+            [k["job"], k["ev"], k["sl"], k["res"], k["ops"], ORDER, tenant_key, LIVE, ENDED, HOOKS],
+            [job_id, "1" if keep_hooked else "0"],
+        )
+        return bool(deleted)
+
+    async def delete_job(self, job_id: str) -> bool:
+        found = await self._delete_one(job_id, keep_hooked=False)
+        self.notifier.notify(job_id)
+        return found
+
+    async def expire(self, now: float) -> list[str]:
+        cutoff = now - self.ttl_s
+        ids = cast(list[str], await self._r.zrangebyscore(ENDED, "-inf", f"({cutoff!r}"))
+        return [job_id for job_id in ids if await self._delete_one(job_id, keep_hooked=True)]
