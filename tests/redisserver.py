@@ -44,9 +44,10 @@ class RedisServer:
     """One redis-server process; ``start`` again after ``kill`` reuses port and directory
     (what a restart after a crash looks like)."""
 
-    def __init__(self, directory: Path, appendfsync: str = "always") -> None:
+    def __init__(self, directory: Path, appendfsync: str = "always", aof: bool = True) -> None:
         self.directory = directory
         self.appendfsync = appendfsync
+        self.aof = aof
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -72,7 +73,7 @@ class RedisServer:
                     "--save",
                     "",
                     "--appendonly",
-                    "yes",
+                    "yes" if self.aof else "no",
                     "--appendfsync",
                     self.appendfsync,
                     "--logfile",

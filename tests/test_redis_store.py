@@ -12,6 +12,7 @@ import asyncio
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from aiotranscribe.cli import main
 from aiotranscribe.jobs import COMPLETED, Job
@@ -93,6 +94,18 @@ async def test_acknowledged_writes_survive_kill_9_of_redis_server(tmp_path):
         assert await store.commit_slice(job.id, 1, 0, {"text": "late"}) is False
         assert await store.append_event(job.id, "progress", {}) == 3
         assert [e["seq"] for e in await store.events_after(job.id, 0)] == [1, 2, 3]
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_a_redis_that_would_lose_jobs_is_reported(tmp_path):
+    server = RedisServer(tmp_path / "redis", aof=False).start()
+    store = RedisStore(server.url())
+    try:
+        with capture_logs() as logs:
+            await store.open()
+        assert "redis_without_aof" in [entry["event"] for entry in logs]
     finally:
         await store.close()
         server.stop()

@@ -80,8 +80,9 @@ MAX_CONNECTIONS = 64
 POOL_WAIT_S = 20.0
 SOCKET_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 5.0
-# A broken connection is retried with backoff for a few seconds (a restarting Redis).
-RETRIES = 10
+# A broken connection is retried with back-off (random, up to 1 s a wait): about 10 s in all,
+# what a Redis restart with a small AOF takes.
+RETRIES = 20
 # How long a write's reply is kept for a resend of it (far longer than the retries take).
 OPS_TTL_S = 600
 # With replicas attached, a new job is acknowledged once one has it (or after this long).
