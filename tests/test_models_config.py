@@ -66,6 +66,36 @@ languages = ["EN", "de"]
     }
 
 
+def test_workers_and_devices_per_model(tmp_path):
+    path = write(
+        tmp_path,
+        """
+[models.big]
+source = "big.nemo"
+device = "cuda:0, cuda:1"
+workers = 2
+max_batch_audio_s = 600
+precision = "bf16"
+fast_decoding = false
+
+[models.small]
+source = "small.nemo"
+""",
+    )
+    settings = Settings(models_file=path, device="cpu", workers=3, torch_threads=2)
+    big, small = (m.resolved(settings) for m in model_table(settings).values())
+    # One worker per device entry, ``workers`` times each.
+    assert big.worker_devices() == ("cuda:0", "cuda:0", "cuda:1", "cuda:1")
+    assert big.max_batch_audio_s == 600.0
+    assert big.engine_config()["precision"] == "bf16"
+    assert big.engine_config()["fast_decoding"] is False
+    # The server-wide settings where the table says nothing.
+    assert small.worker_devices() == ("cpu", "cpu", "cpu")
+    assert small.engine_config()["precision"] == "fp32"
+    assert small.engine_config()["fast_decoding"] is True
+    assert small.max_batch_audio_s is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -74,6 +104,9 @@ languages = ["EN", "de"]
         ("[models.a]\nbatch_size = 2\n", "needs source"),
         ('[models.a]\nsource = "x.nemo"\nlanguages = "en"\n', "languages must be a list"),
         ("[other]\n", "no [models.NAME] table"),
+        ('[models.a]\nsource = "x.nemo"\nworkers = 0\n', "workers must be >= 1"),
+        ('[models.a]\nsource = "x.nemo"\nprecision = "int8"\n', "precision must be one of"),
+        ('[models.a]\nsource = "x.nemo"\nfast_decoding = "yes"\n', "must be true or false"),
         ("[models.a\n", "cannot read models file"),
     ],
 )

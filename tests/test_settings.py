@@ -65,3 +65,21 @@ def test_env_values_reach_the_settings(monkeypatch):
     _serve_parser(parser.add_subparsers(dest="command"))
     settings = settings_from_args(parser.parse_args(["serve"]))
     assert settings.convert_timeout_s == 42.0 and settings.janitor_interval_s == 7.0
+
+
+def test_performance_settings_from_env_and_flags(monkeypatch):
+    import argparse
+
+    from aiotranscribe.cli import _serve_parser, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    monkeypatch.setenv("AIOTRANSCRIBE_FAST_DECODING", "off")
+    monkeypatch.setenv("AIOTRANSCRIBE_WORKERS", "2")
+    monkeypatch.setenv("AIOTRANSCRIBE_MAX_BATCH_AUDIO_S", "480")
+    _serve_parser(parser.add_subparsers(dest="command"))
+    settings = settings_from_args(parser.parse_args(["serve", "--precision", "bf16"]))
+    assert (settings.fast_decoding, settings.workers, settings.precision) == (False, 2, "bf16")
+    assert settings.max_batch_audio_s == 480.0 and settings.max_batch_wait_ms == 5.0
+    args = parser.parse_args(["serve", "--fast-decoding", "--max-batch-wait-ms", "0"])
+    settings = settings_from_args(args)
+    assert settings.fast_decoding is True and settings.max_batch_wait_ms == 0.0
