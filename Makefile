@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench-health bench-durability clean
+.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench bench-gpu bench-health bench-durability clean
 
 serve: setup
 	$(BIN)/aiotranscribe serve --model $(MODEL) --host $(HOST) --port $(PORT)
@@ -50,6 +50,16 @@ demo-model: setup
 fidelity: setup
 	$(BIN)/python -m tests.fidelity --write docs/fidelity.md
 	$(BIN)/python -m tests.fidelity --seed 99 --utterances 300 --append docs/fidelity.md
+
+# Issue 13's P1-P5 table (about 10 minutes on 2 cores; builds and caches the benchmark model
+# and audio under .cache/ on first use) into docs/benchmarks.md. BENCH_ARGS='--reps 5' etc.
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# On a host with an NVIDIA GPU and a CUDA torch in the venv (make setup TORCH=skip).
+bench-gpu:
+	bash benchmarks/gpu.sh $(BENCH_ARGS)
 
 bench-health: setup
 	$(BIN)/python benchmarks/health_latency.py

@@ -64,6 +64,22 @@ class Server:
         raise TimeoutError("server did not become ready")
 
 
+# Job states after which a job's events end.
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+async def submit(session: aiohttp.ClientSession, url: str, path: Path) -> str:
+    """``POST /transcribe/async`` of ``path`` (streamed from disk); returns the job id."""
+    form = aiohttp.FormData()
+    with path.open("rb") as body:
+        form.add_field("file", body, filename=path.name, content_type="application/octet-stream")
+        async with session.post(f"{url}/transcribe/async", data=form) as resp:
+            answer = await resp.json()
+            if resp.status not in (200, 202):
+                raise RuntimeError(f"submit refused: {resp.status} {answer}")
+    return str(answer["job_id"])
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in path.read_text().split()] if path.exists() else []

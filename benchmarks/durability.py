@@ -26,19 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _common import Server, make_speech
-
-TERMINAL = {"completed", "failed", "cancelled"}
-
-
-async def submit(session: aiohttp.ClientSession, url: str, path: Path) -> str:
-    data = aiohttp.FormData()
-    data.add_field("file", path.read_bytes(), filename=path.name, content_type="audio/wav")
-    async with session.post(f"{url}/transcribe/async", data=data) as resp:
-        body = await resp.json()
-        if resp.status != 200:
-            raise RuntimeError(f"submit refused: {resp.status} {body}")
-        return str(body["job_id"])
+from _common import TERMINAL, Server, make_speech, submit
 
 
 async def events(session: aiohttp.ClientSession, url: str, job_id: str) -> list[dict[str, Any]]:
