@@ -66,6 +66,48 @@ async def test_a_server_on_redis_transcribes_and_serves_status_result_and_events
     assert status["status"] == COMPLETED and status["result"] == result
 
 
+async def test_a_waiter_hears_of_events_another_process_appends(redis_url):
+    writer, reader = RedisStore(redis_url), RedisStore(redis_url)  # two servers, one Redis
+    await writer.open()
+    await reader.open()
+    try:
+        jobs = [new_job(f"{i:032x}") for i in range(50)]
+        for job in jobs:
+            await writer.create(job, [("status", {"stage": "queued"})])
+        waiters = [asyncio.create_task(reader.wait_events(job.id, 1, timeout=30)) for job in jobs]
+        await asyncio.sleep(0.3)  # every waiter has read the history and waits
+        started = asyncio.get_running_loop().time()
+        for i, job in enumerate(jobs):
+            await writer.append_event(job.id, "progress", {"i": i})
+        woken = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        assert asyncio.get_running_loop().time() - started < 2  # not the 30 s timeout
+        assert [[(e["seq"], e["i"]) for e in events] for events in woken] == [
+            [(2, i)] for i in range(50)
+        ]
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+async def test_another_server_on_the_same_redis_streams_a_jobs_events(
+    make_client, redis_url, voices, tmp_path
+):
+    # The watcher's server starts first, so it finds no job to resume (one server per
+    # database runs jobs until the worker role exists).
+    watcher = await make_client(store=redis_url, spool_dir=tmp_path / "spool-2")
+    runner = await make_client(store=redis_url)
+    resp = await runner.post("/transcribe/async", data=form(voices["hello"]))
+    job_id = (await resp.json())["job_id"]
+    events = []
+    async with watcher.ws_connect(f"/jobs/{job_id}/events") as ws:
+        async with asyncio.timeout(60):
+            events = [msg.json() async for msg in ws]
+    assert ws.close_code == 1000
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == COMPLETED
+    assert events[-1]["result"]["text"] == "hello world"
+
+
 async def test_acknowledged_writes_survive_kill_9_of_redis_server(tmp_path):
     server = RedisServer(tmp_path / "redis").start()  # appendonly yes, appendfsync always
     store = RedisStore(server.url())

@@ -110,7 +110,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 log.info("events_slow_consumer", job_id=job.id, last_seq=last)
                 code, message = SLOW_CONSUMER, b"consumer too slow; resume with ?after="
                 break
-            if events[-1]["type"] in TERMINAL:
+            # None: the wait timed out on a quiet job (it still exists); wait again.
+            if events and events[-1]["type"] in TERMINAL:
                 break
         await _close(request, ws, reader, code, message, limits.close_timeout_s)
     except ConnectionResetError:
