@@ -114,16 +114,44 @@ def prepare(mp3_minutes: float) -> Inputs:
     return Inputs(files, p5, mp3, mp3_minutes * 60)
 
 
-def bench_model(*args: str) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), *args, "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode:
-        raise RuntimeError(f"bench_model.py {' '.join(args)} failed:\n{out.stderr[-4000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+class Direct:
+    """``model.transcribe`` of the workload in its own process (``bench_model.py serve``),
+    timed on demand, so its runs can alternate with the server's: load on the host from
+    other work then weighs on both sides alike."""
+
+    def __init__(self, size: str, files: list[Path]) -> None:
+        self.args = [str(ROOT / "benchmarks" / "bench_model.py"), "serve", "--size", size]
+        self.args += [str(f) for f in files]
+        self.model: dict[str, Any] = {}
+
+    async def __aenter__(self) -> Direct:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *self.args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self.model = (await self._answer())["model"]
+        return self
+
+    async def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            if line.startswith(b"{"):
+                return dict(json.loads(line))
+        raise RuntimeError("bench_model.py serve ended (its errors are above)")
+
+    async def seconds(self, batch: int) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{batch}\n".encode())
+        await self.proc.stdin.drain()
+        return float((await self._answer())["seconds"])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        await self.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,30 +466,40 @@ def say(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-async def ours(args: argparse.Namespace, model: Path, inputs: Inputs, res: Results) -> None:
+async def ours(args: argparse.Namespace, model: Direct, inputs: Inputs, res: Results) -> None:
     flags = [
         *("--executor", "process", "--torch-threads", "1", "--device", "cpu"),
         *("--max-upload-mb", str(args.upload_mib + 16)),
     ]
     res.settings["ours"] = flags
     timeout = aiohttp.ClientTimeout(total=None)
-    with Server(*flags, model=f"bench={model}") as server:
+    with Server(*flags, model=f"bench={model.model['path']}") as server:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             await server.wait_ready(session, timeout=600)
             say("ours: ready; P1 idle")
             res.health["ours_idle"] = await idle_health(server.url, args.idle_s)
             await workload(session, server.url, inputs.files[:4], 4)  # warm-up
-            for clients in args.clients:
-                runs = []
-                for rep in range(args.reps):
+            served: dict[int, list[float]] = {}
+            direct: dict[int, list[float]] = {}
+            for rep in range(args.reps):
+                for batch in args.batch_sizes:
+                    direct.setdefault(batch, []).append(await model.seconds(batch))
+                for clients in args.clients:
                     if clients == BUSY_CLIENTS:
                         async with HealthSampler(server.url) as sampler:
-                            runs.append(await workload(session, server.url, inputs.files, clients))
+                            took = await workload(session, server.url, inputs.files, clients)
                         res.health.setdefault("ours_busy", []).extend(sampler.samples)
                     else:
-                        runs.append(await workload(session, server.url, inputs.files, clients))
-                    say(f"ours: P2 {clients} clients rep {rep + 1}: {runs[-1]:.2f} s")
-                res.served[clients] = median(runs)
+                        took = await workload(session, server.url, inputs.files, clients)
+                    served.setdefault(clients, []).append(took)
+                say(
+                    f"P2 rep {rep + 1}: direct "
+                    + ", ".join(f"batch {b} {t[-1]:.2f} s" for b, t in direct.items())
+                    + "; server "
+                    + ", ".join(f"{c} clients {t[-1]:.2f} s" for c, t in served.items())
+                )
+            res.direct = {b: median(t) for b, t in direct.items()}
+            res.served = {c: median(t) for c, t in served.items()}
             lat: dict[str, list[float]] = {}
             for _ in range(args.reps):
                 await wait_idle(server, session)
@@ -686,22 +724,10 @@ async def run(args: argparse.Namespace) -> Results:
     inputs = prepare(args.mp3_minutes)
     res.audio_s = inputs.audio_s
     say("the model alone (builds the model on first use)")
-    batches = ",".join(str(b) for b in args.batch_sizes)
-    direct = bench_model(
-        "direct",
-        "--size",
-        args.size,
-        "--batch-sizes",
-        batches,
-        "--reps",
-        str(args.reps),
-        *(str(f) for f in inputs.files),
-    )
-    res.model = direct["model"]
-    res.direct = {int(b): median(t) for b, t in direct["seconds"].items()}
-    say(f"direct: {res.direct} for {res.audio_s:.0f} s of audio")
+    async with Direct(args.size, inputs.files) as direct:
+        res.model = direct.model
+        await ours(args, direct, inputs, res)
     model = Path(res.model["path"])
-    await ours(args, model, inputs, res)
     await seed(args, model, inputs, res)
     return res
 

@@ -361,7 +361,15 @@ def direct(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", choices=("build", "direct"), default="build")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("build", "direct", "serve"),
+        default="build",
+        help="build: build or reuse, print RTF; direct: time transcribe of FILES at each batch "
+        "size; serve: load FILES, then per stdin line (a batch size) time one transcribe of "
+        "them all and print JSON (so a caller can interleave it with other measurements)",
+    )
     parser.add_argument("files", nargs="*", type=Path, help="16 kHz mono WAVs (direct)")
     parser.add_argument("--size", choices=sorted(SIZES), default="bench")
     parser.add_argument("--family", choices=FAMILIES, default="ctc")
@@ -404,6 +412,16 @@ def main() -> None:
             )
         return
     audio = [read_wav(f) for f in args.files]
+    if args.command == "serve":
+        transcribe(model, audio[:2], 2)  # warm-up
+        info = {"path": str(path), "parameters": parameters(model), "threads": args.threads}
+        print(json.dumps({"ready": True, "model": info}), flush=True)
+        for line in sys.stdin:
+            batch = int(line)
+            t0 = time.perf_counter()
+            transcribe(model, audio, batch)
+            print(json.dumps({"batch": batch, "seconds": time.perf_counter() - t0}), flush=True)
+        return
     batches = [int(b) for b in args.batch_sizes.split(",")]
     times = direct(model, audio, batches, args.reps)
     total = sum(len(a) for a in audio) / SAMPLE_RATE
