@@ -342,19 +342,23 @@ def parameters(model: Any) -> int:
 def direct(
     model: Any, audio: list[Any], batch_sizes: list[int], reps: int, sync: Any = None
 ) -> dict[int, list[float]]:
-    """Seconds to ``transcribe`` all of ``audio`` at each batch size, ``reps`` times each
-    (after one warm-up call). ``sync`` (e.g. ``torch.cuda.synchronize``) is called before
-    each clock reading."""
-    sync = sync or (lambda: None)
+    """Seconds to ``transcribe`` all of ``audio`` at each batch size, ``reps`` times each.
+    With ``sync`` (``torch.cuda.synchronize`` on a GPU), called before each clock reading,
+    each batch size first gets a warm-up call of its own (CUDA graphs, kernel choice);
+    without, one short warm-up call serves all."""
     transcribe(model, audio[:2], 2)
     out: dict[int, list[float]] = {}
     for batch in batch_sizes:
+        if sync is not None:
+            transcribe(model, audio[:batch], batch)
         out[batch] = []
         for _ in range(reps):
-            sync()
+            if sync is not None:
+                sync()
             t0 = time.perf_counter()
             transcribe(model, audio, batch)
-            sync()
+            if sync is not None:
+                sync()
             out[batch].append(time.perf_counter() - t0)
     return out
 
