@@ -108,6 +108,39 @@ async def test_another_server_on_the_same_redis_streams_a_jobs_events(
     assert events[-1]["result"]["text"] == "hello world"
 
 
+async def test_a_job_completes_once_across_a_kill_9_of_redis_server(
+    make_client, long_audio, tmp_path
+):
+    path, texts = long_audio
+    server = RedisServer(tmp_path / "redis").start()  # appendonly yes, appendfsync always
+    try:
+        client = await make_client(store=server.url(), chunk_seconds=2, batch_size=1)
+        resp = await client.post("/transcribe/async", data=form(path))
+        job_id = (await resp.json())["job_id"]
+        events: list[dict] = []
+        async with client.ws_connect(f"/jobs/{job_id}/events") as ws:
+            async with asyncio.timeout(240):
+                async for msg in ws:
+                    events.append(msg.json())
+                    if len(events) == 12:  # transcribing: Redis is gone for 2 s
+                        server.kill()
+                        await asyncio.sleep(2)
+                        server.start()
+        # The store's calls retried through the restart: one unbroken history, one end.
+        progress = [e for e in events[:12] if e["type"] == "progress"]
+        assert 0 < progress[-1]["chunks_done"] < progress[-1]["chunks_total"]  # mid-job
+        assert ws.close_code == 1000
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert [e["type"] for e in events].count(COMPLETED) == 1
+        result = events[-1]["result"]
+        assert len(result["text"].split()) > 0.9 * len(" ".join(texts).split())
+        status = await (await client.get(f"/jobs/{job_id}/status")).json()
+        assert status["status"] == COMPLETED and status["result"] == result
+        await client.close()  # before the server goes
+    finally:
+        server.stop()
+
+
 async def test_acknowledged_writes_survive_kill_9_of_redis_server(tmp_path):
     server = RedisServer(tmp_path / "redis").start()  # appendonly yes, appendfsync always
     store = RedisStore(server.url())
