@@ -7,7 +7,7 @@ How a batch is formed (``take``), each choice measured in ``benchmarks/batching.
   from a window of candidates in round-robin order.
 - Similar lengths: the candidates closest in length to the first come first, and a slice
   shorter than ``min_fill`` of the longest in the batch waits for a batch of its own size
-  (padding is computed like audio).
+  (padding is computed like audio; the pool picks ``min_fill`` by device).
 - Bounded by count and by padded audio (slices x the longest one: what memory scales with).
 - Ramp: a job that just joined the line gives at most 1 slice to a batch, then 2, 4...
   (``ramp``), so a long job reports progress from its first seconds.
@@ -119,11 +119,13 @@ class SliceQueue:
         max_frames: int | None = None,
         min_fill: float = 0.0,
         ramp: bool = False,
+        by_length: bool = True,
     ) -> list[SliceTask]:
         """A batch of up to ``limit`` slices of the group the first job in line wants (see
         the module's docstring); jobs of other groups keep their place at the head of the
         line, jobs that gave a slice go to its back. ``max_frames`` bounds the padded size
-        (slices x the longest) unless the first slice alone passes it."""
+        (slices x the longest) unless the first slice alone passes it; ``by_length`` False
+        takes candidates in round-robin order only."""
         if not self._lines:
             return []
         group = next(iter(self._lines.values())).group
@@ -147,7 +149,10 @@ class SliceQueue:
         chosen = {head}
         longest = shortest = frames(head)
         rank = {c: n for n, c in enumerate(candidates)}
-        ordered = sorted(candidates[1:], key=lambda c: (abs(frames(c) - frames(head)), rank[c]))
+        if by_length:
+            ordered = sorted(candidates[1:], key=lambda c: (abs(frames(c) - frames(head)), rank[c]))
+        else:
+            ordered = candidates[1:]
         added = True
         while added and len(chosen) < limit:
             added = False
