@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     app = create_app(args.model, args.threads)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    # Keep-alive as long as aiohttp's (uvicorn's 5 s races a client reusing an idle connection).
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", timeout_keep_alive=75)
 
 
 if __name__ == "__main__":
