@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench bench-gpu bench-health bench-durability clean
+.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench bench-gpu bench-batching bench-health bench-durability clean
 
 serve: setup
 	$(BIN)/aiotranscribe serve --model $(MODEL) --host $(HOST) --port $(PORT)
@@ -60,6 +60,10 @@ bench: setup
 # On a host with an NVIDIA GPU and a CUDA torch in the venv (make setup TORCH=skip).
 bench-gpu:
 	bash benchmarks/gpu.sh $(BENCH_ARGS)
+
+# Batching choices through the real pool, side by side (about 15 minutes on 2 cores).
+bench-batching: setup
+	$(BIN)/python benchmarks/batching.py --workers-experiment 2 $(BENCH_ARGS)
 
 bench-health: setup
 	$(BIN)/python benchmarks/health_latency.py

@@ -6,8 +6,8 @@ to the first one. Slices are submitted to the pool directly (no HTTP, no ffmpeg)
 differs is only how batches are formed.
 
 - like lengths: 2 long jobs (20-s slices) and 12 clips (2-6 s) at once: batches in
-  round-robin order, sorted by closeness in length, and sorted with ``min_fill`` 0.5 and
-  0.9 (a slice under that share of the batch's longest waits for a batch of its own
+  round-robin order, sorted by closeness in length, and sorted with ``min_fill`` 0.5, 0.75
+  and 0.9 (a slice under that share of the batch's longest waits for a batch of its own
   size); and 16
   uploads of 5-19 s at once (``make bench``'s P2 files) with ``min_fill`` 0.5, 0.75, 0.9.
 - audio bound: 4 long jobs, ``max_batch_audio_s`` none, 80 s and 40 s (padded).
@@ -190,6 +190,7 @@ EXPERIMENTS: list[tuple[str, list[Spec], list[Choice]]] = [
             Choice("round-robin", {"by_length": False, "min_fill": 0.0}),
             Choice("sorted by length", {"by_length": True, "min_fill": 0.0}),
             Choice("sorted, min_fill 0.5", {"by_length": True, "min_fill": 0.5}),
+            Choice("sorted, min_fill 0.75", {"by_length": True, "min_fill": 0.75}),
             Choice("sorted, min_fill 0.9", {"by_length": True, "min_fill": 0.9}),
         ],
     ),
