@@ -43,6 +43,7 @@ from aiotranscribe.keys import (
 )
 from aiotranscribe.metrics import Metrics
 from aiotranscribe.pool import InferencePool
+from aiotranscribe.remote import RemoteHub
 from aiotranscribe.rendered import RenderCache, render_cache_key
 from aiotranscribe.service import TranscriptionService
 from aiotranscribe.store import JobStore, open_store
@@ -65,13 +66,17 @@ def build_pools(
     store: JobStore,
     metrics: Metrics | None = None,
     worker_factory: WorkerFactory | None = None,
+    remote: RemoteHub | None = None,
 ) -> dict[str, InferencePool]:
-    """One pool per served model (``config.model_table``: raises ``ModelsError``)."""
+    """One pool per served model (``config.model_table``: raises ``ModelsError``); with
+    ``remote``, their lanes send batches to remote workers instead of running the model."""
     pools: dict[str, InferencePool] = {}
     for name, configured in model_table(settings).items():
         model = configured.resolved(settings)
 
         def factory(device: str, model: ModelSettings = model) -> Worker:
+            if remote is not None:
+                return remote.worker(model.name)
             if worker_factory is not None:
                 return worker_factory(model.source)
             return make_worker(
@@ -128,7 +133,9 @@ def create_app(
     )
     app[metrics_key] = metrics
     app[store_key] = store
-    pools = build_pools(settings, store, metrics, worker_factory)
+    # --no-workers: the models run in `aiotranscribe worker` processes, fed through Redis.
+    remote = RemoteHub(settings.store) if settings.no_workers else None
+    pools = build_pools(settings, store, metrics, worker_factory, remote)
     app[pools_key] = pools
     app[websockets_key] = weakref.WeakSet()
 
@@ -157,6 +164,8 @@ def create_app(
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(janitor_ctx)
+    if remote is not None:  # open before the lanes start, closed after they stop
+        app.cleanup_ctx.append(remote.ctx)
     app.cleanup_ctx.append(pools_ctx)
     app.cleanup_ctx.append(recovery_ctx)
     app.cleanup_ctx.append(webhooks_ctx)

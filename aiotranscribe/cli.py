@@ -79,6 +79,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "full (survives power loss, default) or normal (survives crashes)",
         choices=["full", "normal"],
     )
+    p.add_argument(
+        "--no-workers",
+        action="store_true",
+        default=(env_default("no-workers") or "").lower() in TRUE,
+        help="run no model here: batches go to `aiotranscribe worker` processes through "
+        "the Redis of --store",
+    )
     opt("--max-upload-mb", d.max_upload_mb, "largest upload, MiB", type=float)
     opt("--max-audio-seconds", d.max_audio_seconds, "longest audio, seconds", type=float)
     opt(
@@ -290,6 +297,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         store=args.store,
         data_dir=Path(args.data_dir),
         sqlite_synchronous=args.sqlite_synchronous,
+        no_workers=bool(args.no_workers),
         max_upload_mb=float(args.max_upload_mb),
         max_audio_seconds=float(args.max_audio_seconds),
         chunk_seconds=float(args.chunk_seconds) if args.chunk_seconds else None,
@@ -408,6 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     from aiotranscribe.client import add_client_parser
 
     add_client_parser(sub)
+    from aiotranscribe.remote_worker import add_worker_parser
+
+    add_worker_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         for dest, flag, choices in args.env_choices:
@@ -418,12 +429,14 @@ def main(argv: list[str] | None = None) -> None:
                     f"(choose from {', '.join(choices)})"
                 )
         settings = settings_from_args(args)
-        from aiotranscribe.store import check_store
+        from aiotranscribe.store import REDIS_SCHEMES, check_store
 
         try:
             check_store(settings.store)
         except ValueError as exc:
             parser.error(f"--store: {exc}")
+        if settings.no_workers and not settings.store.startswith(REDIS_SCHEMES):
+            parser.error("--no-workers needs --store redis://... (the workers' queue)")
         from aiotranscribe.api.access import KeysFileError, load_keys
         from aiotranscribe.config import ModelsError, model_table
         from aiotranscribe.netguard import UrlPolicy
@@ -437,6 +450,14 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             parser.error(f"--allow-network: {exc}")
         serve(settings)
+    elif args.command == "worker":
+        from aiotranscribe.store import REDIS_SCHEMES
+
+        if not str(args.store or "").startswith(REDIS_SCHEMES):
+            parser.error("worker: --store redis://... (the servers' Redis) is needed")
+        from aiotranscribe.remote_worker import run_worker
+
+        sys.exit(run_worker(args))
     else:
         from aiotranscribe.client import run_client
 

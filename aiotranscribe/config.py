@@ -77,6 +77,12 @@ class Settings:
     """``full``: a committed job survives power loss too. ``normal``: faster commits; it
     survives a crash of the server, but the last commits may roll back after a power loss."""
 
+    no_workers: bool = False
+    """Run no model in this server: each model's batches go, through the Redis that
+    ``store`` names (a Redis URL then), to ``aiotranscribe worker`` processes on any host
+    that sees the spool at the same path. ``workers`` is then how many batches per model
+    are out at once."""
+
     max_upload_mb: float = 512.0
     """Largest accepted upload, in MiB (1 MiB = 1,048,576 bytes). Bigger uploads get 413."""
 

@@ -85,6 +85,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             # History and any backlog come straight from the store, a page at a time; only
             # a watcher that has caught up waits for new events.
             events = await service.store.events_after(job.id, last, limits.page_events)
+            if not events and job.terminal and last >= job.last_seq:
+                break  # resumed after the end of a job that had ended: nothing will come
             if not events:
                 getter = asyncio.ensure_future(service.next_events(job.id, last, WAIT_S))
                 await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)

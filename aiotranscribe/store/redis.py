@@ -126,6 +126,21 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=user + netloc).geturl()
 
 
+def connect(url: str) -> aioredis.Redis:
+    """A client for ``url`` (connects at its first command): a bounded pool callers wait
+    on, replies as str, broken connections retried with back-off."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        decode_responses=True,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), RETRIES),
+    )
+    return aioredis.Redis(connection_pool=pool, auto_close_connection_pool=True)
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -189,16 +204,7 @@ class RedisStore(JobStore):
     # -- lifetime ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=POOL_WAIT_S,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            decode_responses=True,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), RETRIES),
-        )
-        client = aioredis.Redis(connection_pool=pool, auto_close_connection_pool=True)
+        client = connect(self.url)
         try:
             info = await client.info()
         except Exception:

@@ -1,0 +1,241 @@
+"""Model workers on other processes and machines, through Redis Streams: the API side.
+
+With ``serve --no-workers`` a pool's lanes hold a ``RemoteWorker`` instead of a model: each
+batch the pool forms becomes entries of the model's work stream, any ``aiotranscribe worker``
+of that model reads them (``XREADGROUP COUNT``: slices of every replica's batches share its
+model calls), and answers on this replica's reply stream. The pool then leases and commits
+the results exactly as with a local worker: the store's epoch fence makes each result count
+once, however often a slice was computed. Keys:
+
+=========================  ======  ====================================================
+``q:slices:<model>``       stream  one entry per slice (group ``asr``): rid, i, path,
+                                   start, frames, opts, reply, replica
+``q:dlq``                  stream  slices that took down their worker too often
+``rep:<replica>``          stream  this replica's answers: rid, i, and result or error
+``alive:<replica>``        string  this replica is up (TTL): workers skip others' slices
+``workers:<model>``        hash    consumer -> what its model said at load, and when
+=========================  ======  ====================================================
+
+Audio is read by path: workers must see the spool at the same path (one host, or a shared
+volume mounted alike).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from redis.exceptions import ConnectionError, TimeoutError
+
+from aiotranscribe.store.redis import connect
+from aiotranscribe.workers import WorkerError
+
+log = structlog.get_logger(__name__)
+
+GROUP = "asr"
+DLQ = "q:dlq"
+# A worker refreshes its announcement this often; older than 3 of them, it counts as gone.
+ANNOUNCE_S = 2.0
+# A replica says it is up this often (its key lives 3 times as long).
+ALIVE_S = 5.0
+# One wait for replies or for a worker to appear.
+BLOCK_MS = 1000
+
+
+def queue_key(model: str) -> str:
+    return f"q:slices:{model}"
+
+
+def workers_key(model: str) -> str:
+    return f"workers:{model}"
+
+
+def reply_key(replica: str) -> str:
+    return f"rep:{replica}"
+
+
+def alive_key(replica: str) -> str:
+    return f"alive:{replica}"
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Call:
+    """One batch sent out: its slices' answers as they come."""
+
+    def __init__(self, size: int) -> None:
+        self.results: list[dict[str, Any] | None] = [None] * size
+        self.missing = size
+        self.done: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+
+    def answer(self, i: int, fields: dict[str, str]) -> None:
+        if self.done.done() or not 0 <= i < len(self.results) or self.results[i] is not None:
+            return  # a duplicate (the slice was computed twice) or too late
+        if "error" in fields:
+            error = json.loads(fields["error"])
+            self.done.set_exception(WorkerError(error["code"], error["message"]))
+            return
+        self.results[i] = json.loads(fields["result"])
+        self.missing -= 1
+        if not self.missing:
+            self.done.set_result(cast(list[dict[str, Any]], self.results))
+
+
+class RemoteHub:
+    """This replica's end of the streams: sends batches, routes the answers back."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.replica = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._redis: aioredis.Redis | None = None
+        self._calls: dict[str, _Call] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sent = 0
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RuntimeError("the remote hub is not open")
+        return self._redis
+
+    async def open(self) -> None:
+        self._redis = connect(self.url)
+        await self._redis.set(alive_key(self.replica), "1", ex=int(3 * ALIVE_S))
+        self._tasks = [
+            asyncio.create_task(self._replies(), name="remote-replies"),
+            asyncio.create_task(self._keep_alive(), name="remote-alive"),
+        ]
+        log.info("remote_hub_open", replica=self.replica)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for call in self._calls.values():
+            if not call.done.done():
+                call.done.set_exception(WorkerError("internal_error", "the server is stopping"))
+        if self._redis is not None:
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await self._redis.delete(alive_key(self.replica), reply_key(self.replica))
+            await self._redis.aclose()
+            self._redis = None
+
+    async def ctx(self, _app: web.Application) -> AsyncIterator[None]:
+        """A cleanup context: open before the pools start, closed after they stop."""
+        await self.open()
+        yield
+        await self.close()
+
+    def worker(self, model: str) -> RemoteWorker:
+        return RemoteWorker(self, model)
+
+    async def workers(self, model: str) -> dict[str, dict[str, Any]]:
+        """The workers of ``model`` that announced themselves lately, by consumer name."""
+        raw = cast(dict[str, str], await self.redis.hgetall(workers_key(model)))
+        now = time.time()
+        found = {name: json.loads(body) for name, body in raw.items()}
+        return {n: w for n, w in found.items() if now - w["seen"] < 3 * ANNOUNCE_S}
+
+    async def call(
+        self, model: str, slices: list[tuple[str, int, int]], options: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Send one batch; its results in order once every slice is answered (by whichever
+        worker). A worker's error for one slice fails the call, as a local worker's would."""
+        if not slices:
+            return []
+        self._sent += 1
+        rid = f"{self.replica}/{self._sent}"
+        call = self._calls[rid] = _Call(len(slices))
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i, (path, start, frames) in enumerate(slices):
+                    pipe.xadd(
+                        queue_key(model),
+                        {
+                            "rid": rid,
+                            "i": i,
+                            "path": path,
+                            "start": start,
+                            "frames": frames,
+                            "opts": dumps(options),
+                            "reply": reply_key(self.replica),
+                            "replica": self.replica,
+                        },
+                    )
+                await pipe.execute()
+            return await call.done
+        finally:
+            del self._calls[rid]
+
+    async def _replies(self) -> None:
+        key, last = reply_key(self.replica), "0-0"
+        while True:
+            try:
+                reply = cast(
+                    list[tuple[str, list[tuple[str, dict[str, str]]]]],
+                    await self.redis.xread({key: last}, count=256, block=BLOCK_MS),
+                )
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning("remote_replies_retrying", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    call = self._calls.get(fields.get("rid", ""))
+                    if call is not None:
+                        call.answer(int(fields["i"]), fields)
+                if entries:
+                    await self.redis.xdel(key, *[entry_id for entry_id, _ in entries])
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(ALIVE_S)
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await self.redis.set(alive_key(self.replica), "1", ex=int(3 * ALIVE_S))
+
+
+class RemoteWorker:
+    """A pool lane's worker handle (``workers.Worker``) whose model runs elsewhere."""
+
+    def __init__(self, hub: RemoteHub, model: str) -> None:
+        self.hub = hub
+        self.model = model
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    async def load(self) -> dict[str, Any]:
+        """Wait until a worker of this model has announced itself; what its model said at
+        load (device, capabilities, sample rate) is this lane's."""
+        waited = False
+        while True:
+            found = await self.hub.workers(self.model)
+            if found:
+                first = found[min(found)]
+                return {**first["info"], "remote": True, "workers": sorted(found)}
+            if not waited:
+                log.info("remote_waiting_for_worker", model=self.model)
+                waited = True
+            await asyncio.sleep(BLOCK_MS / 1000)
+
+    async def transcribe(
+        self, slices: list[tuple[str, int, int]], options: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        return await self.hub.call(self.model, slices, options or {})
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Nothing runs here; slices already sent are answered to nobody."""
