@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench bench-gpu bench-batching bench-health bench-durability clean
+.PHONY: serve test setup system-deps lint typecheck demo-model fidelity bench bench-gpu bench-batching bench-health bench-durability bench-scaleout clean
 
 serve: setup
 	$(BIN)/aiotranscribe serve --model $(MODEL) --host $(HOST) --port $(PORT)
@@ -71,6 +71,11 @@ bench-health: setup
 # kill -9 cycles (every accepted job completes once) and SQLite's cost against memory.
 bench-durability: setup
 	$(BIN)/python benchmarks/durability.py
+
+# 2 API replicas + 2 workers on one Redis against one serve, same files and model (about
+# 4 minutes on 2 cores). BENCH_ARGS='--replica-lanes 2' etc.
+bench-scaleout: setup
+	$(BIN)/python benchmarks/scaleout.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) spool data .pytest_cache .mypy_cache .ruff_cache

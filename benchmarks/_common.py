@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,50 @@ async def submit(session: aiohttp.ClientSession, url: str, path: Path) -> str:
             if resp.status not in (200, 202):
                 raise RuntimeError(f"submit refused: {resp.status} {answer}")
     return str(answer["job_id"])
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, its files in ``directory`` (AOF
+    with ``appendfsync``, as a deployment that must not lose accepted jobs runs it);
+    stopped on exit."""
+
+    def __init__(self, directory: Path, appendfsync: str = "always") -> None:
+        self.directory = directory
+        self.appendfsync = appendfsync
+        self.port = 0
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def __enter__(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # another process may bind the free port before redis does
+            self.port = free_port()
+            flags = {"port": self.port, "bind": "127.0.0.1", "dir": self.directory}
+            flags |= {"save": "", "appendonly": "yes", "appendfsync": self.appendfsync}
+            flags |= {"logfile": "redis.log"}
+            args = ["redis-server", *(a for k, v in flags.items() for a in (f"--{k}", str(v)))]
+            self.proc = subprocess.Popen(args, start_new_session=True)
+            deadline = time.monotonic() + 10
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                if self._pong():
+                    return self
+                time.sleep(0.05)
+            self.__exit__()
+        raise RuntimeError(f"redis-server did not start; see {self.directory / 'redis.log'}")
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
 
 
 def children(pid: int) -> list[int]:
