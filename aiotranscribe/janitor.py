@@ -7,12 +7,18 @@ made: a job-id name holding the marker file ``new_job_dir`` writes first. Anythi
 the spool (a file, someone else's directory, another program's ``/var/spool`` entry) is left
 alone and logged once. A directory it cannot remove is logged and skipped; it never stops
 the sweep, later removals or retention. On shutdown, ``close`` drains what is queued.
+
+With ``--shared-dir`` it sweeps that directory too, which every replica's janitor sweeps:
+"no live job owns it" then relies on the store's live set being everyone's (Redis), and on
+a job directory appearing there only once its job is in the store (``move_job_dir``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import re
 import shutil
 from collections.abc import Awaitable, Callable
@@ -49,6 +55,32 @@ def new_job_dir(spool: Path, job_id: str) -> Path:
     return path
 
 
+def move_job_dir(src: Path, dst: Path) -> None:
+    """Move the job directory ``src`` to ``dst`` (the shared dir): one rename on the same
+    filesystem; else each file copied (``.part``, fsync, rename), then ``src`` removed, so a
+    copy cut off by a crash is redone whole. Nothing to do once ``src`` is gone."""
+    if not src.is_dir():
+        return
+    if not dst.exists():
+        try:
+            os.rename(src, dst)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    dst.mkdir(exist_ok=True)
+    (dst / MARKER).write_text(dst.name)
+    for item in src.iterdir():
+        if item.name == MARKER or not item.is_file():
+            continue
+        partial = dst / (item.name + ".part")
+        shutil.copyfile(item, partial)
+        with partial.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, dst / item.name)
+    shutil.rmtree(src)
+
+
 def is_job_dir(path: Path) -> bool:
     return (
         JOB_ID.fullmatch(path.name) is not None
@@ -67,8 +99,10 @@ class Janitor:
         interval_s: float = 300.0,
         remove: Callable[[Path], None] = remove_tree,
         on_sweep: Callable[[], Awaitable[object]] | None = None,
+        shared: Path | None = None,
     ) -> None:
         self.spool = spool
+        self.roots = [spool] if shared is None else [spool, shared]
         self._live_ids = live_ids
         self.interval_s = interval_s
         self._remove = remove
@@ -81,7 +115,8 @@ class Janitor:
         self.failures = 0
 
     def start(self) -> None:
-        self.spool.mkdir(parents=True, exist_ok=True)
+        for root in self.roots:
+            root.mkdir(parents=True, exist_ok=True)
         self._task = asyncio.create_task(
             run_supervised(self._loop, "janitor_crashed", self._restarted), name="janitor"
         )
@@ -116,8 +151,11 @@ class Janitor:
 
     async def sweep(self) -> None:
         """Remove our job directories that no live job owns; then run retention."""
-        # List first, then ask who is live: a job reserved in between is in the live set.
-        entries = await asyncio.to_thread(lambda: list(self.spool.iterdir()))
+        # List first, then ask who is live: a job reserved in between is in the live set,
+        # and a directory listed in the shared dir belongs to a job already in the store.
+        entries = await asyncio.to_thread(
+            lambda: [entry for root in self.roots for entry in root.iterdir()]
+        )
         live = await self._live_ids()
         for entry in entries:
             if entry.name in live:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,6 +22,7 @@ import structlog
 
 from aiotranscribe import audio, chunking
 from aiotranscribe.admission import Admission
+from aiotranscribe.blobstore import BlobError
 from aiotranscribe.config import Settings
 from aiotranscribe.jobs import PROCESSING, Job, utcnow_iso
 from aiotranscribe.pool import InferencePool
@@ -94,6 +96,8 @@ class Pipeline:
         self.admission = admission
         self.active = active  # job id -> status, kept up to date for metrics
         self._conversions = asyncio.Semaphore(MAX_CONVERSIONS)
+        # With --blob-store: puts (job id, converted WAV) where remote workers fetch slices.
+        self.publish: Callable[[str, Path], Awaitable[None]] | None = None
 
     async def _emit(self, job: Job, events: list[EventSpec], **changes: Any) -> None:
         for name, value in changes.items():
@@ -131,6 +135,14 @@ class Pipeline:
             )
         duration = job.duration_s or 0.0
         timings.setdefault("audio_s", duration)
+        if self.publish is not None and any(r.state != DONE for r in records):
+            try:
+                await self.publish(job.id, wav)
+            except BlobError as exc:
+                log.error("blob_publish_failed", job_id=job.id, error=str(exc))
+                raise audio.AudioError(
+                    503, "blob_store_unavailable", "the audio could not be stored for the workers"
+                ) from None
         segments = await self._infer(job, pool, wav, records, duration, timings, announced)
         job.stage = "finalizing"
         caps = pool.capabilities or {}

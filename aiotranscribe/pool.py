@@ -417,8 +417,16 @@ class InferencePool:
             lease.cancel()
             raise
         epochs = await lease
-        kept = [(t, r) for t, r in zip(batch, results, strict=True) if t.key in epochs]
+        kept = [
+            (t, r) for t, r in zip(batch, results, strict=True) if t.key in epochs and r is not None
+        ]
         self._leased(batch, epochs)
+        # A remote worker answers None for a slice whose job had ended when it read it
+        # (skip-on-read): nothing to commit, ever; should its job somehow still run, the
+        # slice fails it rather than leave a hole in the transcript.
+        for task, result in zip(batch, results, strict=True):
+            if result is None and not task.future.done():
+                task.future.set_exception(WorkerError("skipped", "the slice was skipped"))
         for task, _ in kept:
             task.computed = True
         # Committed by the committer task, in batch order, while the next batch runs.

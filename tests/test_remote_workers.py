@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ HEARTBEAT_S = 0.5
 class WorkerProc:
     """One ``aiotranscribe worker`` (the model in its own process: executor thread)."""
 
-    def __init__(self, url: str, log: Path, name: str, batch_size: int = 8) -> None:
+    def __init__(
+        self, url: str, log: Path, name: str, batch_size: int = 8, extra: Sequence[str] = ()
+    ) -> None:
         self.log = log
         self.name = name
         command = [
@@ -56,6 +58,7 @@ class WorkerProc:
             name,
             "--log-format",
             "json",
+            *extra,
         ]
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -86,8 +89,8 @@ class WorkerProc:
 def workers(redis_url: str, tmp_path: Path) -> Iterator[Any]:
     started: list[WorkerProc] = []
 
-    def start(name: str, batch_size: int = 8) -> WorkerProc:
-        worker = WorkerProc(redis_url, tmp_path / f"{name}.log", name, batch_size)
+    def start(name: str, batch_size: int = 8, extra: Sequence[str] = ()) -> WorkerProc:
+        worker = WorkerProc(redis_url, tmp_path / f"{name}.log", name, batch_size, extra)
         started.append(worker)
         return worker
 
