@@ -131,7 +131,10 @@ class Claims:
                 raise AudioUnavailable(str(exc)) from None
             self.fetched_bytes += len(pcm)
             local = self.scratch / f"{entry_id}.wav"
-            await asyncio.to_thread(write_wav, local, pcm)
+            try:
+                await asyncio.to_thread(write_wav, local, pcm)
+            except OSError as exc:  # a full scratch disk: this slice fails, not the worker
+                raise AudioUnavailable(f"scratch copy: {exc}") from None
             return str(local), 0, frames
         raise AudioUnavailable(f"unknown audio reference {blob[:40]!r}")
 
