@@ -44,7 +44,7 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
-from _common import ROOT, RedisServer, Server, median
+from _common import ROOT, RedisServer, Server, children, median
 from bench import machine, post_file, prepare
 from bench_model import build
 
@@ -92,14 +92,34 @@ class Setup:
     key: str
     name: str
     urls: list[str]
-    processes: str
+    pids: list[int]  # its processes (their children counted), redis-server's included
     remote: bool = False
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU seconds its processes used a rep
     texts: dict[str, str] = field(default_factory=dict)
     batches: list[dict[str, Any]] = field(default_factory=list)  # its workers' model calls
 
     def rate(self, audio_s: float) -> float:
         return audio_s / median(self.times)
+
+    def paired(self, base: Setup) -> float:
+        """Throughput against ``base`` rep by rep (each pair ran back to back, under the same
+        load from elsewhere), the median of those ratios."""
+        return median([b / t for b, t in zip(base.times, self.times, strict=True)])
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds used by ``pids`` and their descendants so far, the reaped children of
+    each included (an ffmpeg that ended counts in its server's figure)."""
+    ticks = 0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+            todo += children(pid)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def workload(
@@ -164,9 +184,19 @@ async def run(args: argparse.Namespace, tmp: Path) -> str:
         redis_single = stack.enter_context(
             Server(*common, "--workers", "2", "--store", url_b, model=model, root=tmp / "b")
         )
+        workers = [
+            stack.enter_context(Worker(url_c, model, tmp / f"worker{n}.log", args.batch_size))
+            for n in (1, 2)
+        ]
+        pid = redis.proc.pid
         setups = [
-            Setup("a", "one `serve --workers 2` (SQLite store)", [single.url], "1 server"),
-            Setup("b", "one `serve --workers 2 --store redis://`", [redis_single.url], "1 + Redis"),
+            Setup("a", "one `serve --workers 2` (SQLite store)", [single.url], [single.proc.pid]),
+            Setup(
+                "b",
+                "one `serve --workers 2 --store redis://`",
+                [redis_single.url],
+                [redis_single.proc.pid, pid],
+            ),
         ]
         servers = [single, redis_single]
         # Every replica pair shares the two workers: they serve whichever replica sends.
@@ -184,11 +214,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> str:
             ]
             servers += pair
             name = f"2 × `serve --no-workers --workers {lanes}` + 2 × `aiotranscribe worker`"
-            setups.append(Setup(key, name, [r.url for r in pair], "2 + 2 + Redis", remote=True))
-        workers = [
-            stack.enter_context(Worker(url_c, model, tmp / f"worker{n}.log", args.batch_size))
-            for n in (1, 2)
-        ]
+            pids = [*(r.proc.pid for r in pair), *(w.proc.pid for w in workers), pid]
+            setups.append(Setup(key, name, [r.url for r in pair], pids, remote=True))
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             say(f"starting {len(servers)} servers, 2 workers and redis-server (6 models load)")
@@ -201,7 +228,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> str:
                 turn = rep % len(setups)  # each setup goes first in turn
                 for setup in setups[turn:] + setups[:turn]:
                     seen = [len(w.batches()) for w in workers]
+                    cpu0 = cpu_s(setup.pids)
                     took = await workload(session, setup, files * args.rounds, args.clients)
+                    setup.cpu.append(cpu_s(setup.pids) - cpu0)
                     setup.times.append(took)
                     if setup.remote:
                         for worker, before in zip(workers, seen, strict=True):
@@ -221,13 +250,16 @@ def report(
     load: tuple[float, float],
 ) -> str:
     base = setups[0]
+    base_cpu = 60 * median(base.cpu) / audio_s
     rows, notes = [], []
     for s in setups:
         same = sum(s.texts[k] == base.texts[k] for k in base.texts)
+        cpu = 60 * median(s.cpu) / audio_s
         rows.append(
             f"| ({s.key}) | {s.name} | "
             f"{s.rate(audio_s):.1f} ({audio_s / max(s.times):.1f}-{audio_s / min(s.times):.1f})"
-            f" | **{s.rate(audio_s) / base.rate(audio_s):.2f}×** | {same}/{len(base.texts)} |"
+            f" | **{s.paired(base):.2f}×** | {cpu:.2f} s | {cpu / base_cpu:.2f}× "
+            f"| {same}/{len(base.texts)} |"
         )
         if s.remote:
             notes.append(f"({s.key}): {batch_stats(s.batches)}.")
@@ -238,11 +270,15 @@ def report(
             f"Model: `{args.size}` of `bench_model.py`, one torch thread per model process, "
             f"2 model processes in every setup, batch size {args.batch_size}. Workload: "
             f"{len(base.texts)} files sent {args.rounds} times a rep, {audio_s:.0f} s of speech, "
-            f"{args.clients} clients; median of {args.reps} reps (range in brackets). Redis: "
-            f"one `redis-server` {redis_version()}, AOF `appendfsync {args.appendfsync}`.",
+            f"{args.clients} clients; median of {args.reps} reps (range in brackets); the "
+            "throughput ratio is the median of each rep's ratio to the (a) of the same rep. CPU: "
+            "seconds used by the setup's processes and their children (ffmpeg, model processes; "
+            "redis-server's in (b)-(d)) while it ran, per minute of audio, median of the reps. "
+            f"Redis: one `redis-server` {redis_version()}, AOF `appendfsync {args.appendfsync}`.",
             "",
-            "| | setup | audio s/s | ÷ (a) | transcripts equal to (a)'s |",
-            "|---|---|---|---|---|",
+            "| | setup | audio s/s | ÷ (a), rep by rep | CPU per audio minute | ÷ (a) "
+            "| transcripts equal to (a)'s |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
             *notes,
