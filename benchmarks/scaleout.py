@@ -92,10 +92,12 @@ class Setup:
     key: str
     name: str
     urls: list[str]
-    pids: list[int]  # its processes (their children counted), redis-server's included
+    # Its processes by role: "server" (with its ffmpeg runs), "worker", "redis"; the model
+    # processes are their children (counted as "model").
+    pids: dict[str, list[int]]
     remote: bool = False
     times: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)  # CPU seconds its processes used a rep
+    cpu: list[dict[str, float]] = field(default_factory=list)  # CPU seconds a rep, by role
     texts: dict[str, str] = field(default_factory=dict)
     batches: list[dict[str, Any]] = field(default_factory=list)  # its workers' model calls
 
@@ -106,6 +108,30 @@ class Setup:
         """Throughput against ``base`` rep by rep (each pair ran back to back, under the same
         load from elsewhere), the median of those ratios."""
         return median([b / t for b, t in zip(base.times, self.times, strict=True)])
+
+
+def usage(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far by role; a process's live children are its model processes (read
+    between workloads, when no ffmpeg runs), its reaped ones are in its own figure."""
+    out = {"model": 0.0}
+    for role, group in pids.items():
+        out[role] = 0.0
+        for pid in group:
+            kids = cpu_s(children(pid))
+            out["model"] += kids
+            out[role] += cpu_s([pid]) - kids
+    return out
+
+
+# The CPU figure's parts, in the order shown.
+ROLES = ("model", "server", "worker", "redis")
+
+
+def per_minute(setup: Setup, audio_s: float) -> dict[str, float]:
+    """CPU seconds per minute of audio, by role and in ``all``, medians of the reps."""
+    roles = [*setup.cpu[0], "all"]
+    reps = [{**rep, "all": sum(rep.values())} for rep in setup.cpu]
+    return {role: 60 * median([rep[role] for rep in reps]) / audio_s for role in roles}
 
 
 def cpu_s(pids: list[int]) -> float:
@@ -188,14 +214,18 @@ async def run(args: argparse.Namespace, tmp: Path) -> str:
             stack.enter_context(Worker(url_c, model, tmp / f"worker{n}.log", args.batch_size))
             for n in (1, 2)
         ]
-        pid = redis.proc.pid
         setups = [
-            Setup("a", "one `serve --workers 2` (SQLite store)", [single.url], [single.proc.pid]),
+            Setup(
+                "a",
+                "one `serve --workers 2` (SQLite store)",
+                [single.url],
+                {"server": [single.proc.pid]},
+            ),
             Setup(
                 "b",
                 "one `serve --workers 2 --store redis://`",
                 [redis_single.url],
-                [redis_single.proc.pid, pid],
+                {"server": [redis_single.proc.pid], "redis": [redis.proc.pid]},
             ),
         ]
         servers = [single, redis_single]
@@ -214,7 +244,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> str:
             ]
             servers += pair
             name = f"2 × `serve --no-workers --workers {lanes}` + 2 × `aiotranscribe worker`"
-            pids = [*(r.proc.pid for r in pair), *(w.proc.pid for w in workers), pid]
+            pids = {"server": [r.proc.pid for r in pair], "worker": [w.proc.pid for w in workers]}
+            pids["redis"] = [redis.proc.pid]
             setups.append(Setup(key, name, [r.url for r in pair], pids, remote=True))
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -228,9 +259,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> str:
                 turn = rep % len(setups)  # each setup goes first in turn
                 for setup in setups[turn:] + setups[:turn]:
                     seen = [len(w.batches()) for w in workers]
-                    cpu0 = cpu_s(setup.pids)
+                    cpu0 = usage(setup.pids)
                     took = await workload(session, setup, files * args.rounds, args.clients)
-                    setup.cpu.append(cpu_s(setup.pids) - cpu0)
+                    setup.cpu.append({k: v - cpu0[k] for k, v in usage(setup.pids).items()})
                     setup.times.append(took)
                     if setup.remote:
                         for worker, before in zip(workers, seen, strict=True):
@@ -250,16 +281,17 @@ def report(
     load: tuple[float, float],
 ) -> str:
     base = setups[0]
-    base_cpu = 60 * median(base.cpu) / audio_s
+    base_cpu = per_minute(base, audio_s)
     rows, notes = [], []
     for s in setups:
         same = sum(s.texts[k] == base.texts[k] for k in base.texts)
-        cpu = 60 * median(s.cpu) / audio_s
+        cpu = per_minute(s, audio_s)
+        parts = ", ".join(f"{role} {cpu[role]:.2f}" for role in ROLES if role in cpu)
         rows.append(
             f"| ({s.key}) | {s.name} | "
             f"{s.rate(audio_s):.1f} ({audio_s / max(s.times):.1f}-{audio_s / min(s.times):.1f})"
-            f" | **{s.paired(base):.2f}×** | {cpu:.2f} s | {cpu / base_cpu:.2f}× "
-            f"| {same}/{len(base.texts)} |"
+            f" | **{s.paired(base):.2f}×** | {cpu['all']:.2f} s ({parts}) "
+            f"| {cpu['all'] / base_cpu['all']:.2f}× | {same}/{len(base.texts)} |"
         )
         if s.remote:
             notes.append(f"({s.key}): {batch_stats(s.batches)}.")
@@ -272,11 +304,12 @@ def report(
             f"{len(base.texts)} files sent {args.rounds} times a rep, {audio_s:.0f} s of speech, "
             f"{args.clients} clients; median of {args.reps} reps (range in brackets); the "
             "throughput ratio is the median of each rep's ratio to the (a) of the same rep. CPU: "
-            "seconds used by the setup's processes and their children (ffmpeg, model processes; "
-            "redis-server's in (b)-(d)) while it ran, per minute of audio, median of the reps. "
+            "seconds used by the setup's processes while it ran, per minute of audio, median of "
+            "the reps; parts: the model processes, the servers (their ffmpeg runs included), the "
+            "worker processes around the models, redis-server. "
             f"Redis: one `redis-server` {redis_version()}, AOF `appendfsync {args.appendfsync}`.",
             "",
-            "| | setup | audio s/s | ÷ (a), rep by rep | CPU per audio minute | ÷ (a) "
+            "| | setup | audio s/s | ÷ (a), rep by rep | CPU s per audio minute (parts) | ÷ (a) "
             "| transcripts equal to (a)'s |",
             "|---|---|---|---|---|---|---|",
             *rows,
