@@ -72,8 +72,8 @@ bench-health: setup
 bench-durability: setup
 	$(BIN)/python benchmarks/durability.py
 
-# 2 API replicas + 2 workers on one Redis against one serve, same files and model (about
-# 4 minutes on 2 cores). BENCH_ARGS='--replica-lanes 2' etc.
+# 2 --no-workers replicas + 2 workers on a private Redis (1 and 2 batches out per replica)
+# against one serve, same files and model; about 4 minutes on 2 cores. BENCH_ARGS='--reps 5'.
 bench-scaleout: setup
 	$(BIN)/python benchmarks/scaleout.py $(BENCH_ARGS)
 

@@ -198,7 +198,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> str:
     if load_before > 0.5:
         say(f"warning: load average {load_before:.1f} before the run; other work skews figures")
     say("inputs and model (cached under .cache/)")
-    files = prepare(2).files
+    files = prepare(2).files  # make bench's 16 files (and a 2-minute MP3 not used here)
     audio_s = args.rounds * sum(speech.duration(f) for f in files)
     model = f"{MODEL}={build(args.size)}"
     common = ["--executor", "process", "--device", "cpu", "--torch-threads", "1"]
