@@ -5,7 +5,8 @@ converting (length unknown) it holds ``provisional_s``; once probed, its length;
 transcribed, the audio still to do. A request is refused (503 + Retry-After) before its body
 is read when its model's total would pass ``limit_s``, so N concurrent uploads cannot all
 slip under a limit meant for one. Held in this process: a restart re-admits the jobs it
-recovers without checking the limit (they were accepted already).
+recovers without checking the limit (they were accepted already). API replicas that share
+remote workers share the limit too: ``shared_admission.SharedAdmission``.
 """
 
 from __future__ import annotations
@@ -35,16 +36,31 @@ class Admission:
         self.rejected: dict[str, int] = {}
 
     def used(self, model: str) -> float:
+        """What this process's jobs hold for ``model``."""
         return sum(s for m, s in self._held.values() if m == model)
+
+    def total(self, model: str) -> float:
+        """What counts against the limit: here, this process's share (``SharedAdmission``
+        adds the other replicas')."""
+        return self.used(model)
 
     def retry_after(self, model: str) -> int:
         """Whole seconds after which the model has likely worked off the excess."""
         speed = self._speed_of(model) or 10.0
-        excess = max(self.used(model) + self.provisional_s - self.limit_s, 1.0)
+        excess = max(self.total(model) + self.provisional_s - self.limit_s, 1.0)
         return max(1, min(300, int(excess / speed) + 1))
 
     def fits(self, model: str, seconds: float) -> bool:
-        return self.used(model) + seconds <= self.limit_s
+        return self.total(model) + seconds <= self.limit_s
+
+    async def admit(self, job_id: str, model: str) -> None:
+        """Hold the provisional share for a new job, or raise QueueFull. Here the check is
+        ``reserve``'s; ``SharedAdmission`` makes it against every replica's shares."""
+        self.reserve(job_id, model)
+
+    async def readmit(self, job_id: str, model: str) -> None:
+        """Charge the job to ``model`` instead (``move``), or raise QueueFull."""
+        self.move(job_id, model)
 
     def reserve(self, job_id: str, model: str, seconds: float | None = None) -> None:
         """Hold ``seconds`` (default: provisional) for a new job, or raise QueueFull."""

@@ -46,6 +46,7 @@ from aiotranscribe.pool import InferencePool
 from aiotranscribe.remote import RemoteHub
 from aiotranscribe.rendered import RenderCache, render_cache_key
 from aiotranscribe.service import TranscriptionService
+from aiotranscribe.shared_admission import SharedAdmission
 from aiotranscribe.store import JobStore, open_store
 from aiotranscribe.webhooks import Webhooks
 from aiotranscribe.workers import Worker, make_worker
@@ -142,7 +143,10 @@ def create_app(
     def speed_of(model: str) -> float | None:
         return pools[model].throughput
 
-    admission = Admission(settings.max_queued_audio_s, settings.admission_estimate_s, speed_of)
+    limit_s, estimate_s = settings.max_queued_audio_s, settings.admission_estimate_s
+    # Replicas feeding remote workers share one queue, so one limit (Redis holds the shares).
+    shared = SharedAdmission(limit_s, estimate_s, speed_of, remote, pools) if remote else None
+    admission = shared or Admission(limit_s, estimate_s, speed_of)
     service_holder: list[TranscriptionService] = []
 
     async def live_ids() -> set[str]:
@@ -158,6 +162,8 @@ def create_app(
     service_holder.append(service)
     app[service_key] = service
     metrics.watch(pools, service, admission, app[websockets_key])
+    if shared is not None:
+        metrics.watch_shared(shared)
     webhooks = Webhooks(settings, store, on_attempt=metrics.webhook_attempt)
     service.on_finish.append(webhooks.job_ended)
     app[webhooks_key] = webhooks
@@ -166,6 +172,8 @@ def create_app(
     app.cleanup_ctx.append(janitor_ctx)
     if remote is not None:  # open before the lanes start, closed after they stop
         app.cleanup_ctx.append(remote.ctx)
+    if shared is not None:
+        app.cleanup_ctx.append(shared.ctx)
     app.cleanup_ctx.append(pools_ctx)
     app.cleanup_ctx.append(recovery_ctx)
     app.cleanup_ctx.append(webhooks_ctx)

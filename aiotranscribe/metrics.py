@@ -8,6 +8,7 @@ and the WebSocket set already count is read when Prometheus scrapes, never copie
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,6 +24,7 @@ from aiotranscribe.admission import Admission
 from aiotranscribe.jobs import COMPLETED, PENDING, PROCESSING, Job
 from aiotranscribe.pool import InferencePool
 from aiotranscribe.service import TranscriptionService
+from aiotranscribe.shared_admission import SharedAdmission
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -50,6 +52,8 @@ def route_label(request: web.Request) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Read before each scrape: numbers only another process (Redis) has.
+        self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_http_requests",
@@ -147,6 +151,11 @@ class Metrics:
         self.registry.register(StateCollector(pools, service, admission, websockets))
         service.on_finish.append(self.observe_job)
 
+    def watch_shared(self, admission: SharedAdmission) -> None:
+        """Name this replica, and read the shared queue (Redis) afresh at each scrape."""
+        self.registry.register(SharedQueueCollector(admission))
+        self.before_scrape.append(admission.refresh)
+
     def observe_job(self, job: Job, timings: dict[str, float]) -> None:
         self.jobs.labels(job.model, job.status).inc()
         if job.status != COMPLETED or "total_s" not in timings:
@@ -189,6 +198,8 @@ class Metrics:
 
     async def handle(self, _request: web.Request) -> web.StreamResponse:
         """``GET /metrics``: the text exposition format."""
+        for refresh in self.before_scrape:
+            await refresh()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -275,3 +286,44 @@ class StateCollector(Collector):
         sockets = gauge("websocket_connections", "Open job-event WebSockets", [])
         sockets.add_metric([], len(self.websockets))
         yield sockets
+
+
+class SharedQueueCollector(Collector):
+    """This replica's name, and each model's shared queue as ``SharedAdmission`` last read
+    it (``Metrics.handle`` refreshes it first)."""
+
+    def __init__(self, admission: SharedAdmission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("model",)) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+
+        info = gauge(
+            "replica_info", "This API replica's name (its store and stream id)", ("replica",)
+        )
+        info.add_metric([self.admission.replica], 1.0)
+        reachable = gauge("shared_queue_reachable", "1 when Redis answered the last read", ())
+        reachable.add_metric([], 1.0 if self.admission.reachable else 0.0)
+        total = gauge(
+            "shared_admitted_audio_seconds",
+            "Audio seconds held by the jobs of every live replica (what the limit counts)",
+        )
+        limit = gauge("shared_admission_limit_seconds", "The limit on the shared total")
+        lag = gauge("stream_lag", "Work stream entries not yet read by any worker (NaN: unknown)")
+        pending = gauge("stream_pending", "Work stream entries read, not yet acknowledged")
+        read = gauge("stream_entries_read", "Work stream entries read by the group, ever")
+        workers = gauge("remote_workers", "Workers of the model that announced themselves lately")
+        worker = gauge("remote_worker_info", "A live worker, by consumer name", ("model", "worker"))
+        for model, state in self.admission.queues.items():
+            total.add_metric([model], state.total_s)
+            limit.add_metric([model], self.admission.limit_s)
+            workers.add_metric([model], len(state.workers))
+            for name in state.workers:
+                worker.add_metric([model, name], 1.0)
+            if state.pending is None:  # no stream yet (no worker has started)
+                continue
+            lag.add_metric([model], math.nan if state.lag is None else state.lag)
+            pending.add_metric([model], state.pending)
+            read.add_metric([model], state.entries_read or 0)
+        yield from (info, reachable, total, limit, lag, pending, read, workers, worker)

@@ -146,7 +146,7 @@ class TranscriptionService:
         if self.draining or self.stopping.is_set():
             raise ServerRestarting("the server is shutting down; try again shortly")
 
-    def admit(self, job_id: str, model: str | None) -> str:
+    async def admit(self, job_id: str, model: str | None) -> str:
         """Reserve room for a new job before its upload is read; returns the model charged.
 
         ``model`` None: the default model, or the first one that can take work (a failed
@@ -157,14 +157,14 @@ class TranscriptionService:
             default = self.pools[self.resolve_model(None)]
             model = next((n for n, p in self.pools.items() if p.accepting), default.name)
         self.pools[model].ensure_ready()
-        self.admission.reserve(job_id, model)
+        await self.admission.admit(job_id, model)
         self.reserved.add(job_id)
         return model
 
-    def readmit(self, job_id: str, model: str) -> None:
+    async def readmit(self, job_id: str, model: str) -> None:
         """The form named ``model``: charge the job to it (it must be able to take work)."""
         self.pools[model].ensure_ready()
-        self.admission.move(job_id, model)
+        await self.admission.readmit(job_id, model)
 
     def new_job_dir(self, job_id: str) -> Path:
         return new_job_dir(self.settings.spool_dir, job_id)

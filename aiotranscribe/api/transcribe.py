@@ -57,7 +57,7 @@ async def receive_submission(
     settings = request.app[settings_key]
     job_id = new_job_id()
     hinted = request.query.get("model")
-    service.admit(job_id, service.resolve_model(hinted) if hinted else None)
+    await service.admit(job_id, service.resolve_model(hinted) if hinted else None)
     structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
         with full_spool_is_507():
@@ -71,7 +71,7 @@ async def receive_submission(
         if check is not None:
             check(upload)
         model = service.resolve_model(upload.fields.get("model"))
-        service.readmit(job_id, model)
+        await service.readmit(job_id, model)
         include = parse_bool(
             "include_timestamps", upload.fields.get("include_timestamps"), default=True
         )
