@@ -33,7 +33,14 @@ def check_store(kind: str) -> None:
     raise ValueError(f"unknown store {kind!r}: use sqlite, memory or redis://host:port/db")
 
 
-def open_store(kind: str, data_dir: Path, *, ttl_s: float, synchronous: str = "full") -> JobStore:
+def open_store(
+    kind: str,
+    data_dir: Path,
+    *,
+    ttl_s: float,
+    synchronous: str = "full",
+    owner_ttl_s: float = 15.0,
+) -> JobStore:
     """The store ``--store`` names (not yet opened: call ``await store.open()``)."""
     check_store(kind)
     if kind == "memory":
@@ -42,4 +49,4 @@ def open_store(kind: str, data_dir: Path, *, ttl_s: float, synchronous: str = "f
         return SqliteStore(data_dir / DB_NAME, ttl_s=ttl_s, synchronous=synchronous)
     from aiotranscribe.store.redis import RedisStore  # imported only where it is used
 
-    return RedisStore(kind, ttl_s=ttl_s)
+    return RedisStore(kind, ttl_s=ttl_s, owner_ttl_s=owner_ttl_s)

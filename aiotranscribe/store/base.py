@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,17 @@ class JobStore(abc.ABC):
     name = "base"
     durable = True
     """Whether jobs outlive the process (then shutdown leaves them for the next start)."""
+    shared = False
+    """Whether several API replicas use this store at once. Then each job has an owner (the
+    replica that runs it); a replica that stops renewing its liveness loses its jobs to
+    ``adopt`` on another, and a cancel made on one replica reaches the owner through
+    ``signal_cancel``."""
+    replica = ""
+    """This process's name among the replicas of a shared store."""
+    owner_ttl_s = 15.0
+    """How long a replica that stopped renewing its liveness still owns its jobs (seconds)."""
+    on_cancel_signal: Callable[[str], None] | None = None
+    """Called with a job id when another replica asked to cancel a job (shared stores)."""
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -255,6 +267,21 @@ class JobStore(abc.ABC):
     async def recover(self) -> list[Job]:
         """After a restart: every leased slice goes back to the queue (``epoch + 1``; its
         holder is gone); returns the jobs that had not ended, oldest first."""
+
+    async def adopt(self) -> list[Job]:
+        """Take over the jobs whose owner is gone (their leased slices go back to the queue,
+        ``epoch + 1``); returns them, oldest first. Only shared stores have other owners."""
+        return []
+
+    async def disowned(self, job_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Of the jobs this process runs: those another replica has adopted meanwhile, and
+        those whose cancel was asked for elsewhere (a missed ``signal_cancel``)."""
+        return set(), set()
+
+    async def signal_cancel(self, job_id: str) -> None:
+        """Tell the replica running ``job_id`` that its cancel was requested (after
+        ``request_cancel``). One process runs every job of an unshared store: nothing to do."""
+        return None
 
     @abc.abstractmethod
     async def expire(self, now: float) -> list[str]:

@@ -17,7 +17,17 @@ Keys (per job, all under the hash tag ``{id}``; then the indexes listing needs):
 ``jobs:live``          set          ids of jobs not ended
 ``jobs:ended``         sorted set   ids of ended jobs by ``finished_at`` (retention)
 ``jobs:hooks``         set          ids whose webhook is still to be delivered
+``alive:<replica>``    string       this API replica is up (expires ``owner_ttl_s`` after its
+                                    last renewal); a job's ``_owner`` field names its replica
+``cancels``            stream       job ids whose cancel was asked for, for their owner
 =====================  ===========  =========================================================
+
+Ownership: several API replicas share the store. The replica that accepts a job runs it (its
+batches, its events); one whose ``alive:`` key expired (killed, cut off) loses its jobs to
+``adopt`` on another replica, which takes each over with a compare-and-set of ``_owner`` and
+requeues its leased slices with ``epoch + 1``, so anything the old owner still computes is
+refused at commit. A cancel made on a replica that does not run the job is added to
+``cancels``; the owner also finds it in its periodic ``disowned`` check.
 
 Retries: redis-py resends a command whose connection broke (Redis restarting, a network
 blip), even when the first one ran and only its reply was lost. Writes that are not
@@ -32,6 +42,7 @@ lost on an OS crash. With replicas, a new job is acknowledged after ``WAIT 1`` (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -43,7 +54,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from aiotranscribe.jobs import TERMINAL, WEBHOOK_PENDING, Job
 from aiotranscribe.store.base import (
@@ -56,6 +67,7 @@ from aiotranscribe.store.base import (
     make_event,
 )
 from aiotranscribe.store.redis_lua import (
+    ADOPT,
     COMMIT,
     CREATE,
     DELETE,
@@ -151,6 +163,17 @@ def _keys(job_id: str) -> dict[str, str]:
 
 
 ORDER, LIVE, ENDED, HOOKS = "jobs:order", "jobs:live", "jobs:ended", "jobs:hooks"
+# Cancels asked for on one replica, read by all (the owner acts); a short history is kept.
+CANCELS, CANCELS_KEPT, CANCELS_BLOCK_MS = "cancels", 10_000, 1000
+
+
+def alive_key(replica: str) -> str:
+    return f"alive:{replica}"
+
+
+def replica_name() -> str:
+    """A name no other process will have: host, pid and a random part (pids repeat)."""
+    return f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
 
 
 def _tenant_key(tenant: str | None) -> str:
@@ -192,14 +215,18 @@ def _job(flat: dict[str, str] | list[str] | None) -> Job | None:
 
 class RedisStore(JobStore):
     name = "redis"
+    shared = True
 
-    def __init__(self, url: str, ttl_s: float = 3600.0) -> None:
+    def __init__(self, url: str, ttl_s: float = 3600.0, owner_ttl_s: float = 15.0) -> None:
         super().__init__(ttl_s)
         check_url(url)
         self.url = url
+        self.owner_ttl_s = owner_ttl_s
+        self.replica = replica_name()
         self._redis: aioredis.Redis | None = None
         self._replicas = 0
         self._pump = EventPump(lambda job_id: _keys(job_id)["ev"], self.notifier.notify)
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -224,9 +251,20 @@ class RedisStore(JobStore):
         self._requeue = client.register_script(REQUEUE)
         self._commit = client.register_script(COMMIT)
         self._delete = client.register_script(DELETE)
+        self._adopt = client.register_script(ADOPT)
         await self._warn_if_not_durable(client)
+        await self._renew()
         self._pump.start(client)
-        log.info("redis_store_open", url=redacted(self.url), version=info.get("redis_version"))
+        self._tasks = [
+            asyncio.create_task(self._keep_alive(), name="redis-keep-alive"),
+            asyncio.create_task(self._cancel_signals(), name="redis-cancel-signals"),
+        ]
+        log.info(
+            "redis_store_open",
+            url=redacted(self.url),
+            version=info.get("redis_version"),
+            replica=self.replica,
+        )
 
     async def _warn_if_not_durable(self, client: aioredis.Redis) -> None:
         """Jobs outlive a Redis restart only with persistence, and survive memory pressure
@@ -244,9 +282,104 @@ class RedisStore(JobStore):
     async def close(self) -> None:
         self.notifier.close()
         await self._pump.stop()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        # A command cancelled while its connection is being set up can miss the cancel
+        # (seen with redis-py 8.2): closing the client below wakes such a read.
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
         client, self._redis = self._redis, None
         if client is not None:
+            # Gone at once rather than after the TTL: another replica adopts the jobs left
+            # running (a rolling deploy hands them over in seconds).
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await client.delete(alive_key(self.replica))
             await client.aclose()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, StoreClosed):
+                await task
+
+    # -- liveness and ownership ------------------------------------------------------------------
+
+    async def _renew(self) -> None:
+        await self._r.set(alive_key(self.replica), "1", px=int(self.owner_ttl_s * 1000))
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.owner_ttl_s / 3)
+            try:
+                await self._renew()
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning("redis_keep_alive_failed", error=str(exc))
+
+    async def _cancel_signals(self) -> None:
+        """Hand cancels signalled by other replicas to ``on_cancel_signal``. A stream rather
+        than pub/sub: a reader that reconnects goes on from the last entry it saw (and a
+        blocked XREAD is cancellable; redis-py's pub/sub listener did not stop on cancel)."""
+        # From now on: what was signalled before this replica started is not its business.
+        newest = cast(list[tuple[str, Any]], await self._r.xrevrange(CANCELS, count=1))
+        last = newest[0][0] if newest else "0-0"
+        while True:
+            try:
+                reply = cast(
+                    list[tuple[str, list[tuple[str, dict[str, str]]]]],
+                    await self._r.xread({CANCELS: last}, block=CANCELS_BLOCK_MS),
+                )
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning("redis_cancel_signals_retrying", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            for _, entries in reply or []:
+                for entry_id, entry in entries:
+                    last = entry_id
+                    if self.on_cancel_signal is not None:
+                        self.on_cancel_signal(entry["job"])
+
+    async def signal_cancel(self, job_id: str) -> None:
+        await self._r.xadd(CANCELS, {"job": job_id}, maxlen=CANCELS_KEPT, approximate=True)
+
+    async def _owners(self, ids: list[str]) -> list[tuple[str | None, str | None]]:
+        """Each job's (owner, cancel_requested JSON), None where the job is gone."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(_keys(job_id)["job"], "_owner", "cancel_requested")
+            rows = await pipe.execute()
+        return [(row[0], row[1]) for row in rows]
+
+    async def adopt(self, *, own: bool = False) -> list[Job]:
+        """``own``: this process's jobs too (at start-up, when none of them runs here)."""
+        ids = sorted(await self._set_members(LIVE))
+        if not ids:
+            return []
+        owners = await self._owners(ids)
+        others = sorted({o for o, _ in owners if o and o != self.replica})
+        alive = set()
+        if others:
+            flags = await asyncio.gather(*(self._r.exists(alive_key(o)) for o in others))
+            alive = {o for o, flag in zip(others, flags, strict=True) if flag}
+        taken = []
+        for job_id, (owner, _) in zip(ids, owners, strict=True):
+            if (owner == self.replica and not own) or owner in alive:
+                continue
+            if await self._adopt(self._slice_keys(job_id), [owner or "", self.replica]):
+                taken.append(job_id)
+        if taken:
+            log.info("redis_jobs_adopted", jobs=len(taken), replica=self.replica)
+        jobs = await self._load(taken)
+        return sorted((j for j in jobs if not j.terminal), key=lambda j: j.created_at)
+
+    async def disowned(self, job_ids: list[str]) -> tuple[set[str], set[str]]:
+        if not job_ids:
+            return set(), set()
+        lost, cancelled = set(), set()
+        for job_id, (owner, cancel) in zip(job_ids, await self._owners(job_ids), strict=True):
+            if owner is not None and owner != self.replica:
+                lost.add(job_id)
+            elif cancel == "true":
+                cancelled.add(job_id)
+        return lost, cancelled
 
     @property
     def _r(self) -> aioredis.Redis:
@@ -386,6 +519,7 @@ class RedisStore(JobStore):
                     member,
                     "0" if job.terminal else "1",
                     "1" if job.webhook_pending else "0",
+                    self.replica,
                     *_changes(record),
                     *self._event_args(stored),
                 ],
@@ -550,14 +684,8 @@ class RedisStore(JobStore):
     # -- start-up and retention ------------------------------------------------------------------
 
     async def recover(self) -> list[Job]:
-        ids = await self._set_members(LIVE)
-        requeued = 0
-        for job_id in ids:
-            requeued += int(await self._requeue(self._slice_keys(job_id), []))
-        if requeued:
-            log.info("redis_leases_requeued", slices=requeued)
-        jobs = await self._load(ids)
-        return sorted((j for j in jobs if not j.terminal), key=lambda j: j.created_at)
+        # Other replicas may be running jobs on this Redis: only orphans are ours to resume.
+        return await self.adopt(own=True)
 
     async def _delete_one(self, job_id: str, keep_hooked: bool) -> bool:
         k = _keys(job_id)
@@ -579,3 +707,20 @@ class RedisStore(JobStore):
         cutoff = now - self.ttl_s
         ids = cast(list[str], await self._r.zrangebyscore(ENDED, "-inf", f"({cutoff!r}"))
         return [job_id for job_id in ids if await self._delete_one(job_id, keep_hooked=True)]
+
+
+async def ended_jobs(redis: aioredis.Redis, ids: set[str] | list[str]) -> set[str]:
+    """Those of ``ids`` whose job has ended (a terminal ``status`` in ``job:{id}``) or whose
+    record is gone (deleted, expired): a worker skips their slices (skip-on-read)."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in wanted:
+            pipe.hget(_keys(job_id)["job"], "status")
+        found = cast(list[str | None], await pipe.execute())
+    return {
+        job_id
+        for job_id, status in zip(wanted, found, strict=True)
+        if not status or json.loads(status) in TERMINAL
+    }

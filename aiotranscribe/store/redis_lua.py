@@ -56,7 +56,8 @@ local function append(i)
 end
 """
 
-# KEYS: job ev ops order tenant live hooks; ARGV: token id member live hook changes events
+# KEYS: job ev ops order tenant live hooks; ARGV: token id member live hook owner changes
+# events
 CREATE = (
     PRELUDE
     + """
@@ -65,8 +66,8 @@ if prev then return prev end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return redis.error_reply('job ' .. ARGV[2] .. ' exists')
 end
-local i = apply(6)
-redis.call('HSET', KEYS[1], '_order', ARGV[3], '_tenant', KEYS[5])
+local i = apply(7)
+redis.call('HSET', KEYS[1], '_order', ARGV[3], '_tenant', KEYS[5], '_owner', ARGV[6])
 redis.call('ZADD', KEYS[4], 0, ARGV[3])
 redis.call('ZADD', KEYS[5], 0, ARGV[3])
 if ARGV[4] == '1' then redis.call('SADD', KEYS[6], ARGV[2]) end
@@ -147,7 +148,7 @@ return out
 )
 
 # KEYS: job sl; ARGV: idx... (none: every leased slice). Leased slices go back, epoch + 1.
-REQUEUE = """
+REQUEUE_BODY = """
 local function requeue(i)
   if redis.call('HGET', KEYS[2], 's' .. i) ~= 'leased' then return 0 end
   redis.call('HSET', KEYS[2], 's' .. i, 'queued')
@@ -155,6 +156,10 @@ local function requeue(i)
   redis.call('HDEL', KEYS[2], 'o' .. i, 'u' .. i)
   return 1
 end
+"""
+REQUEUE = (
+    REQUEUE_BODY
+    + """
 local count = 0
 if #ARGV == 0 then
   for k = 0, tonumber(redis.call('HGET', KEYS[2], 'n') or '0') - 1 do
@@ -165,6 +170,27 @@ else
 end
 return count
 """
+)
+
+# KEYS: job sl; ARGV: the owner seen ('' for none), the new owner (the same at a restart of
+# one process: its own jobs). Takes a live job over only if nobody took it since it was
+# seen; its leased slices go back to the queue with epoch + 1 (whatever the old owner still
+# computes is refused). Returns 1 when taken.
+ADOPT = (
+    PRELUDE
+    + """
+if not live() then return 0 end
+local owner = redis.call('HGET', KEYS[1], '_owner') or ''
+if owner == ARGV[2] and ARGV[1] ~= ARGV[2] then return 1 end  -- a resend of one that ran
+if owner ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], '_owner', ARGV[2])
+"""
+    + REQUEUE_BODY
+    + """
+for k = 0, tonumber(redis.call('HGET', KEYS[2], 'n') or '0') - 1 do requeue(tostring(k)) end
+return 1
+"""
+)
 
 # KEYS: job ev ops sl res; ARGV: token (idx epoch result)... A '1' or '0' per result:
 # accepted only from the current lease of a live job, and only once (HSETNX on the result).
