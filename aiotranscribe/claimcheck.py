@@ -20,13 +20,12 @@ import wave
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from aiotranscribe.audio import SAMPLE_RATE
 from aiotranscribe.blobstore import S3, BlobError, data_offset
 from aiotranscribe.janitor import JOB_ID
 
 SHARED = "shared:"
 S3_SCHEME = "s3://"
-# What audio.convert writes (a fetched slice is written back as the same kind of WAV).
-SAMPLE_RATE = 16000
 
 
 class AudioUnavailable(Exception):
@@ -72,6 +71,7 @@ class Tickets:
 
 
 def write_wav(path: Path, pcm: bytes) -> None:
+    """A fetched slice as the same kind of WAV as ``audio.convert`` writes."""
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
