@@ -208,9 +208,18 @@ def test_replicas_and_workers_agree(source):
     assert urlsplit(everyone[0].store).hostname == "redis"
     assert len({model_name(a) for a in everyone}) == 1
     assert {a.device for a in by_role["worker"]} == {"cuda:0"}, "one visible GPU per worker"
-    shared = shared_mounts(source)
-    for args in by_role["serve"]:
-        assert any(Path(args.spool_dir).is_relative_to(m) for m in shared), args.spool_dir
+    (shared,) = shared_mounts(source)
+    if getattr(by_role["serve"][0], "shared_dir", None):
+        # --shared-dir: job audio is there, named relative to it; uploads stay in each
+        # replica's own spool (a shared spool would be swept by every replica's janitor).
+        for args in everyone:
+            assert args.shared_dir == shared
+        for args in by_role["serve"]:
+            assert not Path(args.spool_dir).is_relative_to(shared), args.spool_dir
+    else:
+        # Workers read the path the replica names: the spool must be on the shared volume.
+        for args in by_role["serve"]:
+            assert Path(args.spool_dir).is_relative_to(shared), args.spool_dir
 
 
 def shared_mounts(source: str) -> set[str]:
