@@ -29,6 +29,8 @@ from aiotranscribe.api.access import Access
 from aiotranscribe.api.errors import error_middleware
 from aiotranscribe.api.pages import add_static_routes
 from aiotranscribe.api.streamlimits import StreamLimits, stream_limits_key
+from aiotranscribe.blobstore import BlobStore
+from aiotranscribe.claimcheck import Tickets
 from aiotranscribe.config import ModelSettings, Settings, model_table
 from aiotranscribe.janitor import Janitor
 from aiotranscribe.keys import (
@@ -135,7 +137,12 @@ def create_app(
     app[metrics_key] = metrics
     app[store_key] = store
     # --no-workers: the models run in `aiotranscribe worker` processes, fed through Redis.
-    remote = RemoteHub(settings.store) if settings.no_workers else None
+    # Slice entries name their audio (claim check): a shared-dir name or an S3 object.
+    blobs = (
+        BlobStore(settings.blob_store, settings.s3_endpoint_url) if settings.blob_store else None
+    )
+    tickets = Tickets(settings.shared_dir, blobs.url if blobs is not None else None)
+    remote = RemoteHub(settings.store, tickets=tickets) if settings.no_workers else None
     pools = build_pools(settings, store, metrics, worker_factory, remote)
     app[pools_key] = pools
     app[websockets_key] = weakref.WeakSet()
@@ -156,7 +163,11 @@ def create_app(
         await service_holder[0].expire()
 
     app[janitor_key] = Janitor(
-        settings.spool_dir, live_ids, interval_s=settings.janitor_interval_s, on_sweep=retention
+        settings.spool_dir,
+        live_ids,
+        interval_s=settings.janitor_interval_s,
+        on_sweep=retention,
+        shared=settings.shared_dir,
     )
     service = TranscriptionService(settings, store, pools, app[janitor_key], admission)
     service_holder.append(service)
@@ -166,10 +177,15 @@ def create_app(
         metrics.watch_shared(shared)
     webhooks = Webhooks(settings, store, on_attempt=metrics.webhook_attempt)
     service.on_finish.append(webhooks.job_ended)
+    if blobs is not None:
+        service.pipeline.publish = blobs.publish
+        service.on_discard.append(blobs.forget)
     app[webhooks_key] = webhooks
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(janitor_ctx)
+    if blobs is not None:
+        app.cleanup_ctx.append(blobs.ctx)
     if remote is not None:  # open before the lanes start, closed after they stop
         app.cleanup_ctx.append(remote.ctx)
     if shared is not None:

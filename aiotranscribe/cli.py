@@ -86,6 +86,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="run no model here: batches go to `aiotranscribe worker` processes through "
         "the Redis of --store",
     )
+    opt(
+        "--shared-dir",
+        None,
+        "a directory every replica and worker reaches (RWX volume): job directories live "
+        "there and workers read audio by a name relative to it (needs --store redis://)",
+    )
+    opt(
+        "--blob-store",
+        None,
+        "s3://bucket/prefix: converted audio is put there for workers, which fetch their "
+        "slices' bytes (needs --no-workers; endpoint: --s3-endpoint-url)",
+    )
     opt("--max-upload-mb", d.max_upload_mb, "largest upload, MiB", type=float)
     opt("--max-audio-seconds", d.max_audio_seconds, "longest audio, seconds", type=float)
     opt(
@@ -298,6 +310,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         data_dir=Path(args.data_dir),
         sqlite_synchronous=args.sqlite_synchronous,
         no_workers=bool(args.no_workers),
+        shared_dir=Path(args.shared_dir) if args.shared_dir else None,
+        blob_store=args.blob_store or None,
         max_upload_mb=float(args.max_upload_mb),
         max_audio_seconds=float(args.max_audio_seconds),
         chunk_seconds=float(args.chunk_seconds) if args.chunk_seconds else None,
@@ -437,6 +451,17 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--store: {exc}")
         if settings.no_workers and not settings.store.startswith(REDIS_SCHEMES):
             parser.error("--no-workers needs --store redis://... (the workers' queue)")
+        if settings.shared_dir and not settings.store.startswith(REDIS_SCHEMES):
+            parser.error("--shared-dir needs --store redis://... (the replicas' shared jobs)")
+        if settings.blob_store:
+            from aiotranscribe.blobstore import check_url
+
+            if not settings.no_workers:
+                parser.error("--blob-store is for remote workers: it needs --no-workers")
+            try:
+                check_url(settings.blob_store)
+            except ValueError as exc:
+                parser.error(f"--blob-store: {exc}")
         from aiotranscribe.api.access import KeysFileError, load_keys
         from aiotranscribe.config import ModelsError, model_table
         from aiotranscribe.netguard import UrlPolicy

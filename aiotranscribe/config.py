@@ -80,8 +80,21 @@ class Settings:
     no_workers: bool = False
     """Run no model in this server: each model's batches go, through the Redis that
     ``store`` names (a Redis URL then), to ``aiotranscribe worker`` processes on any host
-    that sees the spool at the same path. ``workers`` is then how many batches per model
-    are out at once."""
+    that reaches the audio (``shared_dir``, ``blob_store``; with neither, the spool at the
+    same path). ``workers`` is then how many batches per model are out at once."""
+
+    shared_dir: Path | None = None
+    """A directory every replica and worker reaches (an RWX volume, mounted anywhere): job
+    directories live there instead of in ``spool_dir``, so another replica can take a job
+    over and workers read audio by a name relative to it (``blob=shared:<id>/audio.wav``).
+    Uploads still arrive in ``spool_dir`` and move there once the job is in the store.
+    Needs a Redis ``store``."""
+
+    blob_store: str | None = None
+    """``s3://bucket/prefix``: each job's converted audio is put there once
+    (``<prefix>/<id>/audio.wav``) and workers fetch just their slice's bytes with a range
+    GET; the object goes when the job's audio does. Endpoint and credentials as for
+    ``s3_endpoint_url``. Needs ``no_workers``."""
 
     max_upload_mb: float = 512.0
     """Largest accepted upload, in MiB (1 MiB = 1,048,576 bytes). Bigger uploads get 413."""

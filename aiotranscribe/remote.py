@@ -8,16 +8,16 @@ the results exactly as with a local worker: the store's epoch fence makes each r
 once, however often a slice was computed. Keys:
 
 =========================  ======  ====================================================
-``q:slices:<model>``       stream  one entry per slice (group ``asr``): rid, i, path,
-                                   start, frames, opts, reply, replica
+``q:slices:<model>``       stream  one entry per slice (group ``asr``): rid, i, job,
+                                   blob or path, start, frames, opts, reply, replica
 ``q:dlq``                  stream  slices that took down their worker too often
 ``rep:<replica>``          stream  this replica's answers: rid, i, and result or error
 ``alive:<replica>``        string  this replica is up (TTL): workers skip others' slices
 ``workers:<model>``        hash    consumer -> what its model said at load, and when
 =========================  ======  ====================================================
 
-Audio is read by path: workers must see the spool at the same path (one host, or a shared
-volume mounted alike).
+Redis never holds audio: an entry names it (``claimcheck``), as a path on this host, as a
+name inside ``--shared-dir`` or as an object of ``--blob-store``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import structlog
 from aiohttp import web
 from redis.exceptions import ConnectionError, TimeoutError
 
+from aiotranscribe.blobstore import BlobError
+from aiotranscribe.claimcheck import Tickets
 from aiotranscribe.store.redis import connect
 from aiotranscribe.workers import WorkerError
 
@@ -48,6 +50,8 @@ ANNOUNCE_S = 2.0
 ALIVE_S = 5.0
 # One wait for replies or for a worker to appear.
 BLOCK_MS = 1000
+# A worker's answer for a slice whose job had ended when it read it (skip-on-read).
+SKIPPED = "skipped"
 
 
 def queue_key(model: str) -> str:
@@ -75,17 +79,22 @@ class _Call:
 
     def __init__(self, size: int) -> None:
         self.results: list[dict[str, Any] | None] = [None] * size
+        self.answered: set[int] = set()
         self.missing = size
         self.done: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
 
     def answer(self, i: int, fields: dict[str, str]) -> None:
-        if self.done.done() or not 0 <= i < len(self.results) or self.results[i] is not None:
+        if self.done.done() or not 0 <= i < len(self.results) or i in self.answered:
             return  # a duplicate (the slice was computed twice) or too late
         if "error" in fields:
             error = json.loads(fields["error"])
-            self.done.set_exception(WorkerError(error["code"], error["message"]))
-            return
-        self.results[i] = json.loads(fields["result"])
+            if error["code"] != SKIPPED:
+                self.done.set_exception(WorkerError(error["code"], error["message"]))
+                return
+            # Its job had ended: no result (None), which the pool never commits.
+        else:
+            self.results[i] = json.loads(fields["result"])
+        self.answered.add(i)
         self.missing -= 1
         if not self.missing:
             self.done.set_result(cast(list[dict[str, Any]], self.results))
@@ -94,9 +103,10 @@ class _Call:
 class RemoteHub:
     """This replica's end of the streams: sends batches, routes the answers back."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tickets: Tickets | None = None) -> None:
         self.url = url
         self.replica = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.tickets = tickets or Tickets()
         self._redis: aioredis.Redis | None = None
         self._calls: dict[str, _Call] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -152,28 +162,31 @@ class RemoteHub:
         self, model: str, slices: list[tuple[str, int, int]], options: dict[str, Any]
     ) -> list[dict[str, Any]]:
         """Send one batch; its results in order once every slice is answered (by whichever
-        worker). A worker's error for one slice fails the call, as a local worker's would."""
+        worker). A worker's error for one slice fails the call, as a local worker's would.
+        A slice the worker skipped because its job had ended has None for a result."""
         if not slices:
             return []
+        try:
+            tickets = await self.tickets.many([path for path, _, _ in slices])
+        except (OSError, BlobError) as exc:  # the WAV is gone or is not one
+            raise WorkerError("inference_failed", f"cannot name the audio: {exc}") from None
         self._sent += 1
         rid = f"{self.replica}/{self._sent}"
         call = self._calls[rid] = _Call(len(slices))
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i, (path, start, frames) in enumerate(slices):
-                    pipe.xadd(
-                        queue_key(model),
-                        {
-                            "rid": rid,
-                            "i": i,
-                            "path": path,
-                            "start": start,
-                            "frames": frames,
-                            "opts": dumps(options),
-                            "reply": reply_key(self.replica),
-                            "replica": self.replica,
-                        },
-                    )
+                    entry: dict[Any, Any] = {
+                        "rid": rid,
+                        "i": i,
+                        **tickets[path],
+                        "start": start,
+                        "frames": frames,
+                        "opts": dumps(options),
+                        "reply": reply_key(self.replica),
+                        "replica": self.replica,
+                    }
+                    pipe.xadd(queue_key(model), entry)
                 await pipe.execute()
             return await call.done
         finally:
@@ -235,6 +248,8 @@ class RemoteWorker:
     async def transcribe(
         self, slices: list[tuple[str, int, int]], options: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
+        """The results in order; None for a slice skipped because its job had ended (the
+        pool commits nothing for it)."""
         return await self.hub.call(self.model, slices, options or {})
 
     async def stop(self, timeout: float = 5.0) -> None:

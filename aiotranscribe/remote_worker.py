@@ -7,8 +7,12 @@ slice commits its result under its own lease, so a slice computed twice still co
    one delivered more than ``max_deliveries`` times goes to ``q:dlq`` and is answered with
    an error instead of taking this worker down again;
 2. else new work: ``XREADGROUP COUNT batch_size`` (slices of any replica's batches);
-3. slices of replicas that are gone are skipped (acknowledged, not computed);
-4. one model call per set of options, with ``XCLAIM … JUSTID`` heartbeats while it runs;
+3. slices of replicas that are gone are skipped (acknowledged, not computed); slices of
+   jobs that have ended (``store.redis.ended_jobs``: a terminal status, or no record) are
+   answered ``skipped`` and acknowledged, not computed (skip-on-read, SCALEOUT §2.5);
+4. each slice's audio is found from what the entry names (``claimcheck``: a path, a name in
+   ``--shared-dir``, or the slice's bytes fetched from S3); one model call per set of
+   options, with ``XCLAIM … JUSTID`` heartbeats while it runs;
 5. answers on each slice's reply stream, then ``XACK`` + ``XDEL`` (answer first: losing the
    acknowledgement only means computing it again).
 
@@ -23,28 +27,33 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
+from aiotranscribe.claimcheck import AudioUnavailable, Claims
 from aiotranscribe.config import Settings, env_default, model_table
 from aiotranscribe.remote import (
     ANNOUNCE_S,
     BLOCK_MS,
     DLQ,
     GROUP,
+    SKIPPED,
     alive_key,
     dumps,
     queue_key,
     workers_key,
 )
-from aiotranscribe.store.redis import connect
+from aiotranscribe.store.redis import connect, ended_jobs
 from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError, make_worker
 
 log = structlog.get_logger(__name__)
@@ -63,11 +72,6 @@ class Entry:
     fields: dict[str, str]
     delivered: int = 1
 
-    @property
-    def item(self) -> tuple[str, int, int]:
-        f = self.fields
-        return (f["path"], int(f["start"]), int(f["frames"]))
-
 
 @dataclass
 class StreamWorker:
@@ -80,6 +84,7 @@ class StreamWorker:
     max_deliveries: int = MAX_DELIVERIES
     worker: Worker | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    claims: Claims = field(default_factory=lambda: Claims(None, Path(tempfile.gettempdir())))
 
     @property
     def queue(self) -> str:
@@ -202,20 +207,61 @@ class StreamWorker:
         gone = [e for e in entries if e.fields["replica"] not in alive]
         if gone:
             await self._done(gone)
+        live = [e for e in entries if e.fields["replica"] in alive]
+        # Skip-on-read: a job cancelled (or ended any other way) while its slices waited
+        # costs no model time. The answer tells the replica there is nothing to commit.
+        ended = await ended_jobs(self.redis, [e.fields["job"] for e in live if "job" in e.fields])
+        skipped = [e for e in live if e.fields.get("job") in ended]
+        if skipped:
+            await self._answer(skipped, error=WorkerError(SKIPPED, "the slice's job has ended"))
         groups: dict[str, list[Entry]] = {}
-        for entry in entries:
-            if entry.fields["replica"] in alive:
+        for entry in live:
+            if entry.fields.get("job") not in ended:
                 groups.setdefault(entry.fields["opts"], []).append(entry)
+        if skipped and not groups:
+            self._log_batch([], 0.0, skipped=len(skipped), fetched=0)
         for opts, group in groups.items():
-            if not await self._compute(group, json.loads(opts)):
+            if not await self._compute(group, json.loads(opts), skipped=len(skipped)):
                 return  # the model died: the rest is reclaimed after the idle time
+            skipped = []  # counted in the first batch's line
 
-    async def _compute(self, entries: list[Entry], options: dict[str, Any]) -> bool:
+    async def _resolve(self, entries: list[Entry]) -> tuple[list[Entry], list[Any]]:
+        """The entries whose audio this worker reaches, with their ``(path, start, frames)``;
+        the others are answered with an error (their replica fails or retries them)."""
+        found = await asyncio.gather(
+            *(self.claims.resolve(e.id, e.fields) for e in entries), return_exceptions=True
+        )
+        ready = [
+            (e, item) for e, item in zip(entries, found, strict=True) if isinstance(item, tuple)
+        ]
+        lost = [
+            (e, item) for e, item in zip(entries, found, strict=True) if not isinstance(item, tuple)
+        ]
+        for _, exc in lost:
+            if not isinstance(exc, AudioUnavailable):
+                raise exc
+        if lost:
+            message = str(lost[0][1])
+            log.warning(
+                "worker_audio_unavailable", model=self.model, slices=len(lost), error=message
+            )
+            await self._answer(
+                [e for e, _ in lost], error=WorkerError("audio_unavailable", message)
+            )
+        return [e for e, _ in ready], [item for _, item in ready]
+
+    async def _compute(
+        self, entries: list[Entry], options: dict[str, Any], skipped: int = 0
+    ) -> bool:
         assert self.worker is not None
         beating = asyncio.create_task(self._heartbeat([e.id for e in entries]))
         started = time.perf_counter()
+        fetched = self.claims.fetched_bytes
         try:
-            results = await self.worker.transcribe([e.item for e in entries], options)
+            entries, items = await self._resolve(entries)
+            if not entries:
+                return True
+            results = await self.worker.transcribe(items, options)
         except WorkerCrashed as exc:
             log.error("worker_model_crashed", model=self.model, error=exc.message)
             await self._restart()
@@ -228,6 +274,14 @@ class StreamWorker:
             beating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beating
+            self.claims.release([e.id for e in entries])
+        busy_s = time.perf_counter() - started
+        self._log_batch(entries, busy_s, skipped, self.claims.fetched_bytes - fetched)
+        await self._answer(entries, results=results)
+        return True
+
+    def _log_batch(self, entries: list[Entry], busy_s: float, skipped: int, fetched: int) -> None:
+        """One line per model call (``slices`` 0: a read whose slices were all skipped)."""
         log.info(
             "worker_batch",
             model=self.model,
@@ -236,10 +290,10 @@ class StreamWorker:
             requests=len({e.fields["rid"] for e in entries}),
             replicas=len({e.fields["replica"] for e in entries}),
             redelivered=sum(e.delivered > 1 for e in entries),
-            busy_s=round(time.perf_counter() - started, 4),
+            skipped=skipped,
+            fetched_bytes=fetched,
+            busy_s=round(busy_s, 4),
         )
-        await self._answer(entries, results=results)
-        return True
 
     async def _heartbeat(self, ids: list[Any]) -> None:
         """Keep the batch's entries fresh while the model runs, so nobody reclaims them."""
@@ -299,13 +353,22 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     p.add_argument("--max-deliveries", type=int, default=MAX_DELIVERIES)
     p.add_argument("--consumer", default=None, help="this worker's name (default: host:device:id)")
+    p.add_argument(
+        "--shared-dir",
+        default=env_default("shared-dir"),
+        help="where this host mounts the servers' --shared-dir (slices name audio inside it)",
+    )
+    p.add_argument(
+        "--s3-endpoint-url",
+        default=env_default("s3-endpoint-url"),
+        help="S3-compatible endpoint of the servers' --blob-store (default: AWS; credentials "
+        "from the usual AWS env vars/files)",
+    )
     p.add_argument("--log-format", default=None, choices=["json", "console"])
     p.add_argument("--log-level", default="info")
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from aiotranscribe.logsetup import configure_logging
 
     configure_logging(args.log_format, args.log_level)
@@ -332,6 +395,10 @@ def run_worker(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         redis = connect(args.store)
+        scratch = Path(tempfile.mkdtemp(prefix="aiotranscribe-worker-"))
+        claims = Claims(
+            Path(args.shared_dir) if args.shared_dir else None, scratch, args.s3_endpoint_url
+        )
         worker = StreamWorker(
             redis,
             model.name,
@@ -340,10 +407,13 @@ def run_worker(args: argparse.Namespace) -> int:
             batch_size=model.batch_size or settings.batch_size,
             heartbeat_s=args.heartbeat_s,
             max_deliveries=args.max_deliveries,
+            claims=claims,
         )
         try:
             await worker.run(stopping)
         finally:
+            await claims.close()
+            shutil.rmtree(scratch, ignore_errors=True)
             await redis.aclose()
 
     try:

@@ -30,7 +30,7 @@ import structlog
 from aiotranscribe import audio
 from aiotranscribe.admission import Admission
 from aiotranscribe.config import Settings
-from aiotranscribe.janitor import Janitor, new_job_dir
+from aiotranscribe.janitor import Janitor, move_job_dir, new_job_dir
 from aiotranscribe.jobs import (
     CANCELLED,
     COMPLETED,
@@ -120,6 +120,8 @@ class TranscriptionService:
         self.stopping = asyncio.Event()
         # Called once per job as it ends, with its stage timings (seconds) and ``total_s``.
         self.on_finish: list[Callable[[Job, dict[str, float]], None]] = []
+        # Called with a job's id when its audio goes (ended, deleted, expired, abandoned).
+        self.on_discard: list[Callable[[str], None]] = []
 
     # -- names and admission -----------------------------------------------------------------
 
@@ -167,16 +169,51 @@ class TranscriptionService:
         await self.admission.readmit(job_id, model)
 
     def new_job_dir(self, job_id: str) -> Path:
+        """Create the directory an upload streams into (``upload_dir``)."""
         return new_job_dir(self.settings.spool_dir, job_id)
 
     def abandon(self, job_id: str) -> None:
         """An upload that will not become a job: release it and remove what it wrote."""
         self.reserved.discard(job_id)
         self.admission.release(job_id)
-        self.janitor.discard(self.job_dir(job_id))
+        self.janitor.discard(self.upload_dir(job_id))  # never moved nor published
 
     def job_dir(self, job_id: str) -> Path:
+        """Where a job's directory (its upload, then its converted audio) is once the job is
+        in the store: under ``--shared-dir`` when set, where every replica and worker finds
+        it; else in this replica's spool. The one answer to that question."""
+        return (self.settings.shared_dir or self.settings.spool_dir) / job_id
+
+    def upload_dir(self, job_id: str) -> Path:
+        """Where an upload arrives: always this replica's own spool (``new_job_dir``)."""
         return self.settings.spool_dir / job_id
+
+    async def _share(self, job_id: str) -> None:
+        """With ``--shared-dir``: move the job's directory from the spool into the shared dir.
+
+        Done here, in the job's task, so only once the job is in the store, hence in the
+        live set every replica's janitor consults. A janitor of another replica that lists
+        the shared dir and then reads the live set can therefore never see this directory
+        without its job (uploads still arriving are in no store at all: they stay in the
+        local spool, covered by this replica's ``reserved``). Also not in ``accept``: a big
+        upload copied to a network volume would hold up the 202. A job resumed after a crash
+        mid-move moves again (a copy is redone whole)."""
+        if self.settings.shared_dir is None:
+            return
+        try:
+            await asyncio.to_thread(move_job_dir, self.upload_dir(job_id), self.job_dir(job_id))
+        except OSError as exc:
+            if audio.out_of_space(exc):
+                raise audio.insufficient_storage() from None
+            raise
+
+    def discard(self, job_id: str) -> None:
+        """The job's audio goes: its directories (never blocks) and ``on_discard``'s copies."""
+        self.janitor.discard(self.job_dir(job_id))
+        if self.upload_dir(job_id) != self.job_dir(job_id):
+            self.janitor.discard(self.upload_dir(job_id))  # ended before it moved
+        for hook in self.on_discard:
+            hook(job_id)
 
     async def live_ids(self) -> set[str]:
         reserved, running = set(self.reserved), set(self._tasks)
@@ -282,6 +319,7 @@ class TranscriptionService:
             pool = self.pools.get(job.model)
             if pool is None:
                 raise ModelUnavailable(f"model {job.model!r} is not served here any more")
+            await self._share(job.id)
             result = await self.pipeline.run(job, pool, self.job_dir(job.id), timings)
             await self._end(
                 job,
@@ -346,7 +384,7 @@ class TranscriptionService:
             timings["total_s"] = time.perf_counter() - timings.pop("t0")
         self.active.pop(job.id, None)
         self.admission.release(job.id)
-        self.janitor.discard(self.job_dir(job.id))
+        self.discard(job.id)
         for hook in self.on_finish:
             hook(job, timings)
         audio_s = timings.get("audio_s", 0.0)
@@ -437,7 +475,7 @@ class TranscriptionService:
 
     async def expire(self) -> None:
         for job_id in await self.store.expire(time.time()):
-            self.janitor.discard(self.job_dir(job_id))
+            self.discard(job_id)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work (``/ready`` 503) and let running jobs go on for up to ``timeout``

@@ -171,8 +171,8 @@ async def delete_job(request: web.Request) -> web.StreamResponse:
             raise ApiError(409, "not_stopped", "the job could not be stopped; try again")
     if not await service.store.delete_job(job.id):
         raise ApiError(404, "job_not_found", "no job with that id (unknown, or expired)")
-    # What an ended job left: its spool directory (normally gone already) and renderings.
-    service.janitor.discard(service.job_dir(job.id))
+    # What an ended job left: its directory and blob (normally gone already), renderings.
+    service.discard(job.id)
     cache_of(request.app).drop(job.id)
     return web.json_response(
         {"job_id": job.id, "status": job.status, "deleted": True, "message": "job deleted"}
