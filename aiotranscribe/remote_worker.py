@@ -54,6 +54,7 @@ from aiotranscribe.remote import (
     workers_key,
 )
 from aiotranscribe.store.redis import connect, ended_jobs
+from aiotranscribe.worker_metrics import WorkerCounters, metrics_server
 from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError, make_worker
 
 log = structlog.get_logger(__name__)
@@ -85,6 +86,7 @@ class StreamWorker:
     worker: Worker | None = None
     info: dict[str, Any] = field(default_factory=dict)
     claims: Claims = field(default_factory=lambda: Claims(None, Path(tempfile.gettempdir())))
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
 
     @property
     def queue(self) -> str:
@@ -168,6 +170,7 @@ class StreamWorker:
                 self.queue, GROUP, min=entry.id, max=entry.id, count=1
             )
             entry.delivered = int(pending[0]["times_delivered"]) if pending else 1
+        self.counters.reclaimed += len(claimed)
         log.warning(
             "worker_reclaimed",
             model=self.model,
@@ -190,6 +193,7 @@ class StreamWorker:
                 }
                 pipe.xadd(DLQ, dead)
             await pipe.execute()
+        self.counters.dead_lettered += len(entries)
         log.error("worker_dead_lettered", model=self.model, slices=len(entries))
         error = WorkerError(
             "inference_failed", f"the slice took down its worker {self.max_deliveries} times"
@@ -206,6 +210,7 @@ class StreamWorker:
             alive = {r for r, up in zip(replicas, await pipe.execute(), strict=True) if up}
         gone = [e for e in entries if e.fields["replica"] not in alive]
         if gone:
+            self.counters.skipped += len(gone)
             await self._done(gone)
         live = [e for e in entries if e.fields["replica"] in alive]
         # Skip-on-read: a job cancelled (or ended any other way) while its slices waited
@@ -213,6 +218,7 @@ class StreamWorker:
         ended = await ended_jobs(self.redis, [e.fields["job"] for e in live if "job" in e.fields])
         skipped = [e for e in live if e.fields.get("job") in ended]
         if skipped:
+            self.counters.skipped += len(skipped)
             await self._answer(skipped, error=WorkerError(SKIPPED, "the slice's job has ended"))
         groups: dict[str, list[Entry]] = {}
         for entry in live:
@@ -276,6 +282,9 @@ class StreamWorker:
                 await beating
             self.claims.release([e.id for e in entries])
         busy_s = time.perf_counter() - started
+        self.counters.batches += 1
+        self.counters.slices += len(entries)
+        self.counters.busy_s += busy_s
         self._log_batch(entries, busy_s, skipped, self.claims.fetched_bytes - fetched)
         await self._answer(entries, results=results)
         return True
@@ -364,6 +373,10 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         help="S3-compatible endpoint of the servers' --blob-store (default: AWS; credentials "
         "from the usual AWS env vars/files)",
     )
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve this worker's counters there"
+    )
+    p.add_argument("--metrics-host", default="0.0.0.0", help="the address --metrics-port binds")
     p.add_argument("--log-format", default=None, choices=["json", "console"])
     p.add_argument("--log-level", default="info")
 
@@ -409,8 +422,12 @@ def run_worker(args: argparse.Namespace) -> int:
             max_deliveries=args.max_deliveries,
             claims=claims,
         )
+        serving = metrics_server(
+            worker.counters, model.name, consumer, args.metrics_host, args.metrics_port
+        )
         try:
-            await worker.run(stopping)
+            async with serving:
+                await worker.run(stopping)
         finally:
             await claims.close()
             shutil.rmtree(scratch, ignore_errors=True)
