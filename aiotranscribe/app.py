@@ -128,6 +128,7 @@ def create_app(
             settings.data_dir,
             ttl_s=settings.job_ttl_s,
             synchronous=settings.sqlite_synchronous,
+            owner_ttl_s=settings.owner_ttl_s,
         )
     app[settings_key] = settings
     app[render_cache_key] = RenderCache()
@@ -142,7 +143,7 @@ def create_app(
         BlobStore(settings.blob_store, settings.s3_endpoint_url) if settings.blob_store else None
     )
     tickets = Tickets(settings.shared_dir, blobs.url if blobs is not None else None)
-    remote = RemoteHub(settings.store, tickets=tickets) if settings.no_workers else None
+    remote = RemoteHub(settings.store, store.replica, tickets) if settings.no_workers else None
     pools = build_pools(settings, store, metrics, worker_factory, remote)
     app[pools_key] = pools
     app[websockets_key] = weakref.WeakSet()
@@ -228,8 +229,17 @@ async def pools_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
-    await app[service_key].recover()
+    service = app[service_key]
+    await service.recover()
+    # Replicas sharing a store take over each other's jobs when one is gone.
+    adopter = (
+        asyncio.create_task(service.adopt_loop(), name="adopt") if service.store.shared else None
+    )
     yield
+    if adopter is not None:
+        adopter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await adopter
 
 
 async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -74,6 +74,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     opt("--data-dir", str(d.data_dir), "directory of the SQLite job database")
     opt(
+        "--owner-ttl-s",
+        d.owner_ttl_s,
+        "Redis store: a replica silent this long loses its jobs to another replica, seconds",
+        type=float,
+    )
+    opt(
         "--sqlite-synchronous",
         d.sqlite_synchronous,
         "full (survives power loss, default) or normal (survives crashes)",
@@ -324,6 +330,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_queued_audio_s=float(args.max_queued_audio_s),
         admission_estimate_s=float(args.admission_estimate_s),
         job_ttl_s=float(args.job_ttl_s),
+        owner_ttl_s=float(args.owner_ttl_s),
         shutdown_timeout_s=float(args.shutdown_timeout_s),
         convert_timeout_s=float(args.convert_timeout_s),
         janitor_interval_s=float(args.janitor_interval_s),

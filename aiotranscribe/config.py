@@ -77,6 +77,12 @@ class Settings:
     """``full``: a committed job survives power loss too. ``normal``: faster commits; it
     survives a crash of the server, but the last commits may roll back after a power loss."""
 
+    owner_ttl_s: float = 15.0
+    """With a store shared by several replicas (Redis): how long a replica that stopped
+    renewing its liveness (killed, cut off) still owns its jobs; then another adopts them.
+    Also how long a stopped replica's jobs wait before a restart on a new process resumes
+    them (a clean stop hands them over at once)."""
+
     no_workers: bool = False
     """Run no model in this server: each model's batches go, through the Redis that
     ``store`` names (a Redis URL then), to ``aiotranscribe worker`` processes on any host

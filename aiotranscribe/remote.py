@@ -12,7 +12,8 @@ once, however often a slice was computed. Keys:
                                    blob or path, start, frames, opts, reply, replica
 ``q:dlq``                  stream  slices that took down their worker too often
 ``rep:<replica>``          stream  this replica's answers: rid, i, and result or error
-``alive:<replica>``        string  this replica is up (TTL): workers skip others' slices
+``alive:<replica>``        string  this replica is up (the store renews it): workers skip
+                                   the slices of replicas that are gone
 ``workers:<model>``        hash    consumer -> what its model said at load, and when
 =========================  ======  ====================================================
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -46,8 +46,6 @@ GROUP = "asr"
 DLQ = "q:dlq"
 # A worker refreshes its announcement this often; older than 3 of them, it counts as gone.
 ANNOUNCE_S = 2.0
-# A replica says it is up this often (its key lives 3 times as long).
-ALIVE_S = 5.0
 # One wait for replies or for a worker to appear.
 BLOCK_MS = 1000
 # A worker's answer for a slice whose job had ended when it read it (skip-on-read).
@@ -64,10 +62,6 @@ def workers_key(model: str) -> str:
 
 def reply_key(replica: str) -> str:
     return f"rep:{replica}"
-
-
-def alive_key(replica: str) -> str:
-    return f"alive:{replica}"
 
 
 def dumps(value: Any) -> str:
@@ -103,9 +97,10 @@ class _Call:
 class RemoteHub:
     """This replica's end of the streams: sends batches, routes the answers back."""
 
-    def __init__(self, url: str, tickets: Tickets | None = None) -> None:
+    def __init__(self, url: str, replica: str, tickets: Tickets | None = None) -> None:
         self.url = url
-        self.replica = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        # The store's name for this process: its liveness key is the store's (RedisStore).
+        self.replica = replica
         self.tickets = tickets or Tickets()
         self._redis: aioredis.Redis | None = None
         self._calls: dict[str, _Call] = {}
@@ -120,11 +115,7 @@ class RemoteHub:
 
     async def open(self) -> None:
         self._redis = connect(self.url)
-        await self._redis.set(alive_key(self.replica), "1", ex=int(3 * ALIVE_S))
-        self._tasks = [
-            asyncio.create_task(self._replies(), name="remote-replies"),
-            asyncio.create_task(self._keep_alive(), name="remote-alive"),
-        ]
+        self._tasks = [asyncio.create_task(self._replies(), name="remote-replies")]
         log.info("remote_hub_open", replica=self.replica)
 
     async def close(self) -> None:
@@ -138,7 +129,7 @@ class RemoteHub:
                 call.done.set_exception(WorkerError("internal_error", "the server is stopping"))
         if self._redis is not None:
             with contextlib.suppress(ConnectionError, TimeoutError):
-                await self._redis.delete(alive_key(self.replica), reply_key(self.replica))
+                await self._redis.delete(reply_key(self.replica))
             await self._redis.aclose()
             self._redis = None
 
@@ -212,12 +203,6 @@ class RemoteHub:
                         call.answer(int(fields["i"]), fields)
                 if entries:
                     await self.redis.xdel(key, *[entry_id for entry_id, _ in entries])
-
-    async def _keep_alive(self) -> None:
-        while True:
-            await asyncio.sleep(ALIVE_S)
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                await self.redis.set(alive_key(self.replica), "1", ex=int(3 * ALIVE_S))
 
 
 class RemoteWorker:

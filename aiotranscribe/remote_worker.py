@@ -48,12 +48,11 @@ from aiotranscribe.remote import (
     DLQ,
     GROUP,
     SKIPPED,
-    alive_key,
     dumps,
     queue_key,
     workers_key,
 )
-from aiotranscribe.store.redis import connect, ended_jobs
+from aiotranscribe.store.redis import alive_key, connect, ended_jobs
 from aiotranscribe.worker_metrics import WorkerCounters, metrics_server
 from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError, make_worker
 

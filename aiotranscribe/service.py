@@ -8,6 +8,9 @@ Guarantees:
 - Every accepted job reaches exactly one terminal event (also when it is cancelled before
   its task first runs), unless the server stops first: then it stays in the store as it is
   and the next start resumes it.
+- On a store shared by several replicas (Redis), a job runs on the replica that owns it;
+  jobs of a replica that is gone are adopted by another (``adopt_loop``), and a cancel
+  asked for on one replica is carried out by the owner, which writes the one ``cancelled``.
 - Shutdown is drain-then-stop: ``drain`` refuses new work and lets running jobs go on for
   a while; ``stop`` ends whatever still runs without a terminal event (durable for the next
   start) and tells watchers to resume (``ServerRestarting``).
@@ -113,6 +116,7 @@ class TranscriptionService:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._started: set[str] = set()  # job tasks whose coroutine began
         self._cancelling: dict[str, str] = {}  # job id -> reason, cancels asked by clients
+        self._released: set[str] = set()  # jobs another replica adopted: stop, do not end
         self._aux: set[asyncio.Task[Any]] = set()
         self.active: dict[str, str] = {}  # job id -> status, for metrics
         self.pipeline = Pipeline(settings, store, admission, self.active)
@@ -298,12 +302,39 @@ class TranscriptionService:
                 # A job cancelled before its first step is ended by a helper task.
                 me = asyncio.current_task()
                 await asyncio.gather(*(t for t in self._aux if t is not me), return_exceptions=True)
+            elif self.store.shared:
+                await self._cancel_elsewhere(job, reason)
             else:  # no task here (cancel raced the end of a stop): end it in the store
                 await self._end(job, CANCELLED, {"reason": reason}, {}, {})
         final = await self.store.get(job_id)
         if final is None:
             raise JobGone(job_id)
         return final
+
+    async def _cancel_elsewhere(self, job: Job, reason: str) -> None:
+        """The job runs on another replica (or on none: its owner is gone). Ask its owner,
+        which takes its slices out of its queue and writes the one ``cancelled``; if no
+        owner has ended it by the time an adoption would have, end it here."""
+        await self.store.signal_cancel(job.id)
+        deadline = time.monotonic() + 2 * self.store.owner_ttl_s
+        seen = 0
+        while time.monotonic() < deadline:
+            events = await self.store.wait_events(job.id, seen, deadline - time.monotonic())
+            if events:
+                seen = events[-1]["seq"]
+                if events[-1]["type"] in TERMINAL:
+                    return
+        await self._end(job, CANCELLED, {"reason": reason}, {}, {})
+
+    def _cancel_signalled(self, job_id: str) -> None:
+        """Another replica asked to cancel a job: act on it if it runs here."""
+        if job_id in self._tasks and job_id not in self._cancelling:
+            self._spawn(self._cancel_from_store(job_id))
+
+    async def _cancel_from_store(self, job_id: str) -> None:
+        job = await self.store.get(job_id)
+        if job is not None and job.cancel_requested and job_id in self._tasks:
+            await self.cancel(job_id, job.cancel_reason or "cancelled")
 
     async def _run(self, job_id: str) -> None:
         self._started.add(job_id)
@@ -330,8 +361,12 @@ class TranscriptionService:
             )
         except asyncio.CancelledError as exc:
             self._drop_slices(job)
-            if job_id not in self._cancelling and self.stopping.is_set():
-                raise  # server stopping: the job stays as it is, for the next start
+            if job_id not in self._cancelling and (
+                self.stopping.is_set() or job_id in self._released
+            ):
+                # Server stopping, or the job is another replica's now: it stays as it is.
+                self._released.discard(job_id)
+                raise
             reason = self._cancelling.pop(job_id, None) or (
                 str(exc.args[0]) if exc.args else "cancelled"
             )
@@ -443,35 +478,69 @@ class TranscriptionService:
 
     async def recover(self) -> list[str]:
         """Resume every job the store says had not ended (call once, at start-up)."""
-        jobs = await self.store.recover()
-        resumed = []
-        for job in jobs:
-            if job.cancel_requested:
-                await self._end(
-                    job, CANCELLED, {"reason": job.cancel_reason or "cancelled"}, {}, {}
-                )
-                continue
-            remaining = (job.duration_s or self.admission.provisional_s) * (1 - job.progress)
-            self.admission.hold(job.id, job.model, remaining)
-            await self.store.append_events(
-                job.id,
-                [
-                    (
-                        "status",
-                        {
-                            "status": job.status,
-                            "stage": job.stage,
-                            "queue_position": None,
-                            "recovered": True,
-                        },
-                    )
-                ],
-            )
-            self._start(job)
-            resumed.append(job.id)
-        if jobs:
+        if self.store.shared:
+            self.store.on_cancel_signal = self._cancel_signalled
+        resumed = [job.id for job in await self.store.recover() if await self._resume(job)]
+        if resumed:
             log.info("jobs_recovered", resumed=len(resumed), ids=resumed)
         return resumed
+
+    async def _resume(self, job: Job) -> bool:
+        """Run a job that was running elsewhere or before; False if it was to be cancelled."""
+        if job.cancel_requested:
+            await self._end(job, CANCELLED, {"reason": job.cancel_reason or "cancelled"}, {}, {})
+            return False
+        remaining = (job.duration_s or self.admission.provisional_s) * (1 - job.progress)
+        self.admission.hold(job.id, job.model, remaining)
+        await self.store.append_events(
+            job.id,
+            [
+                (
+                    "status",
+                    {
+                        "status": job.status,
+                        "stage": job.stage,
+                        "queue_position": None,
+                        "recovered": True,
+                    },
+                )
+            ],
+        )
+        self._start(job)
+        return True
+
+    async def adopt_loop(self) -> None:
+        """On a shared store: take over the jobs of replicas that are gone, give up jobs
+        another replica took over (this one was cut off too long), and carry out cancels
+        whose signal was lost. Runs until cancelled; a failed round is logged and retried."""
+        while True:
+            await asyncio.sleep(self.store.owner_ttl_s / 3)
+            if self.stopping.is_set():
+                return
+            try:
+                await self._adopt_round()
+            except Exception:
+                log.exception("adoption_round_failed")
+
+    async def _adopt_round(self) -> None:
+        adopted = []
+        if not self.draining:  # a draining replica takes nothing new on
+            adopted = [
+                job.id
+                for job in await self.store.adopt()
+                if job.id not in self._tasks and await self._resume(job)
+            ]
+        if adopted:
+            log.info("jobs_adopted", jobs=len(adopted), ids=adopted)
+        lost, cancelled = await self.store.disowned(list(self._tasks))
+        for job_id in lost:
+            task = self._tasks.get(job_id)
+            if task is not None:
+                log.warning("job_adopted_elsewhere", job_id=job_id)
+                self._released.add(job_id)
+                task.cancel("adopted by another replica")
+        for job_id in cancelled - lost:
+            self._cancel_signalled(job_id)
 
     async def expire(self) -> None:
         for job_id in await self.store.expire(time.time()):

@@ -7,6 +7,7 @@ with ``kill -9`` and no teardown runs.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import shutil
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 BINARY = "redis-server"
 START_TIMEOUT_S = 10.0
@@ -114,3 +116,21 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+async def watch_through_a_kill(client: Any, job_id: str, server: RedisServer) -> list[dict]:
+    """A job's events over a WebSocket of ``client``; after the 12th (mid-job) ``server`` is
+    killed (SIGKILL) and started again 2 s later on its directory. Asserts it was mid-job."""
+    events: list[dict] = []
+    async with client.ws_connect(f"/jobs/{job_id}/events") as ws:
+        async with asyncio.timeout(240):
+            async for msg in ws:
+                events.append(msg.json())
+                if len(events) == 12:
+                    server.kill()
+                    await asyncio.sleep(2)
+                    server.start()
+    assert ws.close_code == 1000
+    progress = [e for e in events[:12] if e["type"] == "progress"]
+    assert 0 < progress[-1]["chunks_done"] < progress[-1]["chunks_total"]  # mid-job
+    return events
