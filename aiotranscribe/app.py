@@ -50,6 +50,7 @@ from aiotranscribe.rendered import RenderCache, render_cache_key
 from aiotranscribe.service import TranscriptionService
 from aiotranscribe.shared_admission import SharedAdmission
 from aiotranscribe.store import JobStore, open_store
+from aiotranscribe.supervise import stop_tasks
 from aiotranscribe.webhooks import Webhooks
 from aiotranscribe.workers import Worker, make_worker
 
@@ -236,10 +237,7 @@ async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(service.adopt_loop(), name="adopt") if service.store.shared else None
     )
     yield
-    if adopter is not None:
-        adopter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await adopter
+    await stop_tasks([adopter])
 
 
 async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:

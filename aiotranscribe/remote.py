@@ -24,6 +24,7 @@ name inside ``--shared-dir`` or as an object of ``--blob-store``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import time
@@ -38,6 +39,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 from aiotranscribe.blobstore import BlobError
 from aiotranscribe.claimcheck import Tickets
 from aiotranscribe.store.redis import connect
+from aiotranscribe.supervise import raise_if_cancelling, stop_tasks
 from aiotranscribe.workers import WorkerError
 
 log = structlog.get_logger(__name__)
@@ -48,6 +50,8 @@ DLQ = "q:dlq"
 ANNOUNCE_S = 2.0
 # One wait for replies or for a worker to appear.
 BLOCK_MS = 1000
+# How long closing waits for Redis to drop the reply stream (left there if it does not answer).
+CLOSE_TIMEOUT_S = 1.0
 # A worker's answer for a slice whose job had ended when it read it (skip-on-read).
 SKIPPED = "skipped"
 
@@ -119,19 +123,18 @@ class RemoteHub:
         log.info("remote_hub_open", replica=self.replica)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        stuck = await stop_tasks(self._tasks)
+        self._tasks = []
         for call in self._calls.values():
             if not call.done.done():
                 call.done.set_exception(WorkerError("internal_error", "the server is stopping"))
         if self._redis is not None:
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                await self._redis.delete(reply_key(self.replica))
+            with contextlib.suppress(ConnectionError, TimeoutError, builtins.TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._redis.delete(reply_key(self.replica))
             await self._redis.aclose()
             self._redis = None
+        await stop_tasks(stuck)  # a read that lost its cancel fails once its client is closed
 
     async def ctx(self, _app: web.Application) -> AsyncIterator[None]:
         """A cleanup context: open before the pools start, closed after they stop."""
@@ -192,6 +195,7 @@ class RemoteHub:
                     await self.redis.xread({key: last}, count=256, block=BLOCK_MS),
                 )
             except (ConnectionError, TimeoutError) as exc:
+                raise_if_cancelling()
                 log.warning("remote_replies_retrying", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue

@@ -53,6 +53,7 @@ from aiotranscribe.remote import (
     workers_key,
 )
 from aiotranscribe.store.redis import alive_key, connect, ended_jobs
+from aiotranscribe.supervise import stop_tasks
 from aiotranscribe.worker_metrics import WorkerCounters, metrics_server
 from aiotranscribe.workers import Worker, WorkerCrashed, WorkerError, make_worker
 
@@ -102,9 +103,7 @@ class StreamWorker:
                 if entries:
                     await self._process(entries)
         finally:
-            announcing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await announcing
+            await stop_tasks([announcing])
             await self.redis.hdel(workers_key(self.model), self.consumer)
             if self.worker is not None:
                 await self.worker.stop()
@@ -276,9 +275,7 @@ class StreamWorker:
             await self._answer(entries, error=exc)
             return True
         finally:
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
+            await stop_tasks([beating])
             self.claims.release([e.id for e in entries])
         busy_s = time.perf_counter() - started
         self.counters.batches += 1

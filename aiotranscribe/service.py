@@ -46,6 +46,7 @@ from aiotranscribe.jobs import (
 from aiotranscribe.pipeline import Pipeline
 from aiotranscribe.pool import InferencePool, ModelUnavailable
 from aiotranscribe.store import JobStore
+from aiotranscribe.supervise import raise_if_cancelling
 from aiotranscribe.workers import WorkerError, public_reason
 
 log = structlog.get_logger(__name__)
@@ -520,6 +521,7 @@ class TranscriptionService:
             try:
                 await self._adopt_round()
             except Exception:
+                raise_if_cancelling()
                 log.exception("adoption_round_failed")
 
     async def _adopt_round(self) -> None:

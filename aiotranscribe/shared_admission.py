@@ -39,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from aiotranscribe.admission import Admission, QueueFull
 from aiotranscribe.remote import GROUP, RemoteHub, queue_key
+from aiotranscribe.supervise import raise_if_cancelling, stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -210,6 +211,7 @@ class SharedAdmission(Admission):
                 await self._publish(model, check=False)
                 self.queues[model] = await self._read_queue(model)
         except (RedisError, TimeoutError) as exc:
+            raise_if_cancelling()
             self.reachable = False
             log.warning("shared_queue_unreadable", error=repr(exc))
 
@@ -229,15 +231,11 @@ class SharedAdmission(Admission):
         return state
 
     async def _keep_published(self) -> None:
-        me = asyncio.current_task()
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(REFRESH_S):
                     await self._changed.wait()
-            if me is not None and me.cancelling():
-                # Python 3.11: a timeout expiring as the task is cancelled raises
-                # TimeoutError instead, which would keep this loop (and shutdown) going.
-                raise asyncio.CancelledError
+            raise_if_cancelling()
             self._changed.clear()
             await self.refresh()
             if not self.reachable:
@@ -251,9 +249,7 @@ class SharedAdmission(Admission):
         await self.refresh()
         self._task = asyncio.create_task(self._keep_published(), name="shared-admission")
         yield
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop_tasks([self._task])
         # Gone at once rather than after STALE_S.
         with contextlib.suppress(RedisError, TimeoutError):
             async with asyncio.timeout(ADMIT_TIMEOUT_S):

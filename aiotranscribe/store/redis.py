@@ -42,6 +42,7 @@ lost on an OS crash. With replicas, a new job is acknowledged after ``WAIT 1`` (
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import os
@@ -77,6 +78,7 @@ from aiotranscribe.store.redis_lua import (
     UPDATE,
 )
 from aiotranscribe.store.redis_pump import EventPump
+from aiotranscribe.supervise import raise_if_cancelling, stop_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +104,8 @@ MAX_CONNECTIONS = 64
 POOL_WAIT_S = 20.0
 SOCKET_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 5.0
+# How long closing waits for Redis to drop this replica's liveness key (else it expires).
+CLOSE_TIMEOUT_S = 1.0
 # A broken connection is retried with back-off (random, up to 1 s a wait): about 10 s in all,
 # what a Redis restart with a small AOF takes.
 RETRIES = 20
@@ -281,25 +285,20 @@ class RedisStore(JobStore):
 
     async def close(self) -> None:
         self.notifier.close()
-        await self._pump.stop()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        # A command cancelled while its connection is being set up can miss the cancel
-        # (seen with redis-py 8.2): closing the client below wakes such a read.
-        if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
+        # redis-py 8.2 can lose a cancel (see stop_tasks): closing the client below fails
+        # the reads of tasks still running, which then end.
+        stuck = await self._pump.stop()
+        stuck |= await stop_tasks(tasks)
         client, self._redis = self._redis, None
         if client is not None:
             # Gone at once rather than after the TTL: another replica adopts the jobs left
             # running (a rolling deploy hands them over in seconds).
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                await client.delete(alive_key(self.replica))
+            with contextlib.suppress(ConnectionError, TimeoutError, builtins.TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await client.delete(alive_key(self.replica))
             await client.aclose()
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, StoreClosed):
-                await task
+        await stop_tasks(stuck)
 
     # -- liveness and ownership ------------------------------------------------------------------
 
@@ -312,6 +311,7 @@ class RedisStore(JobStore):
             try:
                 await self._renew()
             except (ConnectionError, TimeoutError) as exc:
+                raise_if_cancelling()
                 log.warning("redis_keep_alive_failed", error=str(exc))
 
     async def _cancel_signals(self) -> None:
@@ -328,6 +328,7 @@ class RedisStore(JobStore):
                     await self._r.xread({CANCELS: last}, block=CANCELS_BLOCK_MS),
                 )
             except (ConnectionError, TimeoutError) as exc:
+                raise_if_cancelling()
                 log.warning("redis_cancel_signals_retrying", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue

@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError, TimeoutError
 
+from aiotranscribe.supervise import raise_if_cancelling, stop_tasks
+
 log = structlog.get_logger(__name__)
 
 # How long one XREAD waits. A waiter that starts meanwhile is included from the next read,
@@ -40,12 +42,10 @@ class EventPump:
     def start(self, client: aioredis.Redis) -> None:
         self._task = asyncio.create_task(self._run(client), name="redis-event-pump")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def stop(self) -> set[asyncio.Task[None]]:
+        """Stop reading; the task if it did not end (see ``stop_tasks``)."""
+        task, self._task = self._task, None
+        return await stop_tasks([task])
 
     @contextlib.contextmanager
     def watching(self, job_id: str, seq: int) -> Iterator[None]:
@@ -82,6 +82,7 @@ class EventPump:
                     await client.xread(streams, count=1, block=BLOCK_MS),
                 )
             except (ConnectionError, TimeoutError) as exc:
+                raise_if_cancelling()
                 log.warning("redis_event_pump_retrying", error=str(exc), in_s=pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY_S[1])
