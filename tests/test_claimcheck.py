@@ -179,11 +179,13 @@ async def test_a_janitor_on_the_shared_dir_leaves_an_upload_under_way_alone(
     one = await make_client(**flags)
     two = await make_client(spool_dir=tmp_path / "spool-2", janitor_interval_s=0.05, **flags)
     # An orphan of a crashed upload in the shared dir: B's janitor does sweep there.
-    orphan = new_job_dir(shared, "0" * 32)
-    async with asyncio.timeout(10):
-        while orphan.exists():
-            await asyncio.sleep(0.05)
     sweeper = two.app[janitor_key]
+    before = sweeper.removed
+    orphan = new_job_dir(shared, "0" * 32)
+    # Counted once the removal (in a thread) has returned, which can be after it is gone.
+    async with asyncio.timeout(10):
+        while orphan.exists() or sweeper.removed == before:
+            await asyncio.sleep(0.05)
     removed = sweeper.removed
     resp = await one.post("/transcribe", data=await slow_form(voices["digits"], 2.0))
     assert resp.status == 200, await resp.text()
